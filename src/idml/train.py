@@ -1,0 +1,305 @@
+"""Training: the paper's recipe (Proxy-Anchor + ISM, mixup, AdamW, warm-up, StepLR, clipping)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from idml.checkpoint import save_checkpoint
+from idml.config import RunConfig, as_dict
+from idml.data import (
+    LabeledTensors,
+    RetrievalSplits,
+    load_splits,
+    normalize_splits,
+    random_affine,
+)
+from idml.evaluate import knn, retrieval_metrics
+from idml.losses import ProxyAnchorLoss, mixup_batch, mixup_loss
+from idml.models import IntrospectiveNet, create_model
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is taken as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 -- seeds third-party code that uses the legacy API
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: IntrospectiveNet, data: LabeledTensors, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Semantic and uncertainty embeddings (float32, CPU) and labels of a whole set."""
+    was_training = model.training
+    model.eval()
+    sem, unc = [], []
+    for images, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
+        s, u = model(images.to(device))
+        sem.append(s.float().cpu())
+        unc.append(u.float().cpu())
+    model.train(was_training)
+    return torch.cat(sem), torch.cat(unc), data.labels.clone()
+
+
+def uncertainty_summary(
+    semantic: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """Mean ``||u||^2`` overall and on queries whose nearest neighbour is right / wrong."""
+    score = uncertainty.pow(2).sum(1)
+    _, idx = knn(semantic, semantic, 1, exclude_self=True)
+    correct = labels[idx[:, 0]] == labels
+    nan = float("nan")
+    return {
+        "mean": score.mean().item(),
+        "correct_mean": score[correct].mean().item() if correct.any() else nan,
+        "wrong_mean": score[~correct].mean().item() if (~correct).any() else nan,
+    }
+
+
+def evaluate_model(
+    model: IntrospectiveNet, data: LabeledTensors, cfg: RunConfig, device: torch.device
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Retrieval metrics on the semantic embedding, and the uncertainty summary."""
+    s, u, y = compute_embeddings(model, data, cfg.eval_batch_size, device)
+    metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
+    return metrics, uncertainty_summary(s, u, y)
+
+
+def build(cfg: RunConfig, device: torch.device) -> tuple[IntrospectiveNet, RetrievalSplits]:
+    """The model and the normalised data splits a config describes."""
+    splits = load_splits(cfg.dataset, val_fraction=cfg.val_fraction)
+    model = create_model(
+        cfg.backbone,
+        embedding_dim=cfg.embedding_dim,
+        uncertainty_dim=cfg.uncertainty_dim,
+        pretrained=cfg.pretrained,
+        normalize_uncertainty=cfg.mode == "reference",
+        freeze_bn=cfg.freeze_bn,
+        in_chans=splits.in_chans,
+    )
+    spec = model.input_spec
+    normalize_splits(splits, tuple(spec["mean"]), tuple(spec["std"]))
+    return model.to(device), splits
+
+
+def build_loss(cfg: RunConfig, num_classes: int) -> ProxyAnchorLoss:
+    return ProxyAnchorLoss(
+        num_classes,
+        cfg.embedding_dim,
+        margin=cfg.margin,
+        scale=cfg.scale,
+        metric=cfg.metric,  # type: ignore[arg-type]
+        a=cfg.ism_a,
+        b=cfg.ism_b,
+        reference=cfg.mode == "reference",
+    )
+
+
+class RunLog:
+    """Lines to the run's ``train.log`` and (unless quiet) to the console."""
+
+    def __init__(self, path: Path, echo: bool = True) -> None:
+        self.path, self.echo = path, echo
+
+    def __call__(self, message: str) -> None:
+        with self.path.open("a") as fh:
+            fh.write(message + "\n")
+        if self.echo:
+            tqdm.write(message)
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    if cfg.out is not None:
+        run_dir = Path(cfg.out)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{stamp}-{cfg.dataset}-{cfg.metric}"
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = run_dir.with_name(f"{stamp}-{cfg.dataset}-{cfg.metric}-{n}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir} is not empty; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def format_metrics_table(columns: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per entry of ``columns``."""
+    names = list(next(iter(columns.values())))
+    head = f"{'metric':<12}" + "".join(f"{c:>10}" for c in columns)
+    rows = [
+        f"{n:<12}" + "".join(f"{100 * columns[c][n]:>10.2f}" for c in columns) for n in names
+    ]
+    return "\n".join([head, *rows])
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    initial: dict[str, float]
+    final: dict[str, float]
+    uncertainty: dict[str, float]
+
+
+def _set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train, evaluate before and after, and write the run folder. Returns the metrics."""
+    cfg.validate()
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, splits = build(cfg, device)
+    loss_fn = build_loss(cfg, splits.num_train_classes).to(device)
+    run_dir = make_run_dir(cfg)
+    log = RunLog(run_dir / "train.log")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    log(f"run folder {run_dir} | device {device} | {len(splits.train)} train images in "
+        f"{splits.num_train_classes} classes, {len(splits.test)} test images")
+
+    backbone_params = model.backbone_parameters()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": backbone_params, "lr": cfg.lr},
+            {"params": model.new_parameters(), "lr": cfg.lr},
+            {"params": list(loss_fn.parameters()), "lr": cfg.lr * cfg.proxy_lr_mult},
+        ],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    mixup_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    loader = DataLoader(
+        splits.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(splits.train) >= cfg.batch_size,
+        generator=loader_gen,
+        num_workers=cfg.num_workers,
+    )
+
+    initial, _ = evaluate_model(model, splits.test, cfg, device)
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, Any]] = []
+    for epoch in range(cfg.epochs):
+        warm = epoch < cfg.warmup_epochs
+        _set_requires_grad(backbone_params, not warm)  # warm-up: heads + proxies only
+        model.train()
+        total, seen, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False)
+        for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
+            if cfg.augment:
+                images = random_affine(images, aug_gen)
+            if cfg.mixup:
+                mixed, perm, lam = mixup_batch(images, mixup_gen)
+                # One forward for clean + mixed images (same result with frozen BN, half the
+                # kernel launches).
+                s, u = model(torch.cat([images, mixed]))
+                n = len(images)
+                loss = mixup_loss(loss_fn, (s[:n], u[:n]), (s[n:], u[n:]), labels, perm, lam)
+            else:
+                loss = loss_fn(*model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
+                )
+            optimizer.step()
+            total += loss.detach() * len(labels)
+            seen += len(labels)
+            if cfg.progress:
+                bar.set_postfix(loss=f"{float(total) / seen:.4f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        scheduler.step()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(total) / max(seen, 1),
+            "images_per_s": seen / (time.perf_counter() - start),
+            "warmup": warm,
+        }
+        if splits.val is not None:
+            val_metrics, _ = evaluate_model(model, splits.val, cfg, device)
+            record["val"] = val_metrics
+            if best is None or val_metrics["recall@1"] > best[0]:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (val_metrics["recall@1"], state)
+        history.append(record)
+        extra = f" | val recall@1 {100 * record['val']['recall@1']:.2f}" if "val" in record else ""
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+            f"{record['images_per_s']:.0f} img/s{' (warm-up)' if warm else ''}{extra}")
+
+    if best is not None:  # chosen on the validation classes, never on the test classes
+        model.load_state_dict(best[1])
+    final, unc = evaluate_model(model, splits.test, cfg, device)
+    save_checkpoint(
+        run_dir / "checkpoint.pt",
+        {
+            "config": as_dict(cfg),
+            "model": model.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "metrics": {"final": final},
+        },
+    )
+    (run_dir / "metrics.json").write_text(
+        json.dumps({"initial": initial, "final": final, "uncertainty": unc}, indent=2)
+    )
+    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    log(format_metrics_table({"initial": initial, "final": final}))
+    log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest neighbour "
+        f"is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
+    return TrainResult(run_dir, initial, final, unc)
+
+
+def evaluate_checkpoint(
+    path: str | Path, device: str = "auto"
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Rebuild the model of a checkpoint and recompute its test metrics.
+
+    Returns ``(metrics, recorded)``, where ``recorded`` are the final metrics saved at
+    training time (``None`` if absent).
+    """
+    from idml.checkpoint import load_checkpoint
+    from idml.config import config_from_dict
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(dict(ckpt["config"]), source=str(path))
+    dev = select_device(device)
+    model, splits = build(cfg, dev)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path}: weights do not fit the configured model: {exc}") \
+            from exc
+    metrics, _ = evaluate_model(model, splits.test, cfg, dev)
+    return metrics, ckpt.get("metrics", {}).get("final")
