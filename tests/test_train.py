@@ -84,3 +84,11 @@ def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     assert main(["eval", str(junk)]) == 2
     assert str(junk) in capsys.readouterr().err
+
+
+def test_bf16_training_is_finite_and_learns(tmp_path):
+    result = train(_cfg(tmp_path, "bf16", precision="bf16", epochs=2))
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert all(h["loss"] == h["loss"] for h in history)  # no NaN
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert result.final["recall@1"] > 0.9

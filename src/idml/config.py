@@ -50,6 +50,7 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; the ISM itself stays float32)
     num_workers: int = 0
     out: str | None = None  # run folder; default runs/<time>-<dataset>-<metric>
     progress: bool = True
@@ -60,6 +61,7 @@ class RunConfig:
             "metric": ("semantic", "introspective"),
             "mode": ("default", "reference"),
             "loss": ("proxy_anchor",),
+            "precision": ("fp32", "bf16", "fp16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -41,6 +42,19 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``precision`` in fp32 | bf16 | fp16 (fp32: no autocast).
+
+    The ISM and the losses' exp/log switch autocast off themselves and run in float32.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -50,14 +64,19 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def compute_embeddings(
-    model: IntrospectiveNet, data: LabeledTensors, batch_size: int, device: torch.device
+    model: IntrospectiveNet,
+    data: LabeledTensors,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Semantic and uncertainty embeddings (float32, CPU) and labels of a whole set."""
     was_training = model.training
     model.eval()
     sem, unc = [], []
     for images, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
-        s, u = model(images.to(device))
+        with autocast(device, precision):
+            s, u = model(images.to(device))
         sem.append(s.float().cpu())
         unc.append(u.float().cpu())
     model.train(was_training)
@@ -83,7 +102,7 @@ def evaluate_model(
     model: IntrospectiveNet, data: LabeledTensors, cfg: RunConfig, device: torch.device
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Retrieval metrics on the semantic embedding, and the uncertainty summary."""
-    s, u, y = compute_embeddings(model, data, cfg.eval_batch_size, device)
+    s, u, y = compute_embeddings(model, data, cfg.eval_batch_size, device, cfg.precision)
     metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
     return metrics, uncertainty_summary(s, u, y)
 
@@ -194,6 +213,8 @@ def train(cfg: RunConfig) -> TrainResult:
         weight_decay=cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
+    # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     mixup_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -220,22 +241,27 @@ def train(cfg: RunConfig) -> TrainResult:
             images, labels = images.to(device), labels.to(device)
             if cfg.augment:
                 images = random_affine(images, aug_gen)
-            if cfg.mixup:
-                mixed, perm, lam = mixup_batch(images, mixup_gen)
-                # One forward for clean + mixed images (same result with frozen BN, half the
-                # kernel launches).
-                s, u = model(torch.cat([images, mixed]))
-                n = len(images)
-                loss = mixup_loss(loss_fn, (s[:n], u[:n]), (s[n:], u[n:]), labels, perm, lam)
-            else:
-                loss = loss_fn(*model(images), labels)
+            with autocast(device, cfg.precision):
+                if cfg.mixup:
+                    mixed, perm, lam = mixup_batch(images, mixup_gen)
+                    # One forward for clean + mixed images (same result with frozen BN, half
+                    # the kernel launches).
+                    s, u = model(torch.cat([images, mixed]))
+                    n = len(images)
+                    loss = mixup_loss(
+                        loss_fn, (s[:n], u[:n]), (s[n:], u[n:]), labels, perm, lam
+                    )
+                else:
+                    loss = loss_fn(*model(images), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_value_(
                     [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
                 )
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.detach() * len(labels)
             seen += len(labels)
             if cfg.progress:
