@@ -505,3 +505,20 @@ def test_dataset_file_rejects_unsafe_fields():
         DatasetFile(url="http://h/x", filename="x.tgz", produces="../x", archive="tar")
     with pytest.raises(ValueError, match="sha256"):
         DatasetFile(url="http://h/x", filename="x.tgz", produces="x", archive="tar", sha256="ab")
+
+
+def test_cli_reports_download_errors_without_traceback(tmp_path, capsys):
+    # Nothing listens on this port (bound and closed at once): a clean error, exit 2.
+    import socket
+
+    from idml.cli import main
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    code = main(["data", "download", "cub", "--root", str(tmp_path), "--no-progress",
+                 "--base-url", f"http://127.0.0.1:{port}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "idml data: error:" in err and "CUB_200_2011" in err

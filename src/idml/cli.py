@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    data = sub.add_parser("data", help="data set tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dl = data_sub.add_parser(
+        "download", help="download and unpack an official data set (resumable, verified)"
+    )
+    dl.add_argument("name", choices=["cub", "cars", "sop", "inshop"])
+    dl.add_argument("--root", required=True, help="folder to download and unpack into")
+    dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -89,14 +99,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from idml.download import download_dataset
+
+    folder = download_dataset(
+        args.name, args.root, base_url=args.base_url, progress=not args.no_progress
+    )
+    print(f"{args.name} is ready in {folder}; train with: "
+          f"idml train --preset {args.name} --data-root {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``idml`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _cmd_train(args)
-        return _cmd_eval(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        command = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+        return command(args)
+    except (ValueError, OSError) as exc:  # our errors name the file, flag or field
         print(f"idml {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,7 +66,7 @@ _UNPACK_ERRORS = (
 )
 
 
-class DownloadError(Exception):
+class DownloadError(OSError):
     """A data set file that could not be fetched, verified or unpacked; the message names it."""
 
 
