@@ -30,12 +30,11 @@ import math
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -464,6 +463,17 @@ def _archive_stamp(archive: Path) -> dict[str, object]:
     return {"archive": str(archive.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """The downloader's checked extraction (no escapes, links or bombs), as a DatasetError."""
+    from idml.download import DownloadError
+    from idml.download import extract_archive as checked_extract
+
+    try:
+        checked_extract(archive, dest, kind="tar")
+    except DownloadError as err:
+        raise DatasetError(f"{archive}: {err}") from err
+
+
 def extract_archive(archive: Path, target: Path) -> Path:
     """Extract a tar archive into ``target`` once; later calls reuse it (same archive stamp).
 
@@ -493,38 +503,6 @@ def extract_archive(archive: Path, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _safe_extract(archive: Path, dest: Path) -> None:
-    dest_resolved = dest.resolve()
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts or "\\" in member.name:
-                    raise DatasetError(
-                        f"{archive}: member {member.name!r} would be written outside the "
-                        "extraction folder; refusing to extract"
-                    )
-                if not (member.isfile() or member.isdir()):
-                    kind = "link" if member.issym() or member.islnk() else "special file"
-                    raise DatasetError(
-                        f"{archive}: member {member.name!r} is a {kind}; only plain files and "
-                        "folders are extracted"
-                    )
-                out = dest.joinpath(*name.parts)
-                if not out.resolve().is_relative_to(dest_resolved):
-                    raise DatasetError(f"{archive}: member {member.name!r} escapes the folder")
-                if member.isdir():
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file always has data
-                with source, open(out, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise DatasetError(f"{archive}: not a readable tar archive ({err})") from err
 
 
 # ----------------------------------------------------------------------------------------------
