@@ -15,7 +15,7 @@ METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "r_p
 
 
 def _cfg(tmp_path, name, **kw):
-    base = {"epochs": 2, "progress": False, "out": str(tmp_path / name)}
+    base = {"epochs": 2, "progress": False, "out": str(tmp_path / name), "device": "cpu"}
     return RunConfig(**{**base, **kw})
 
 
