@@ -77,3 +77,17 @@ def test_dataset_flag_selects_its_preset():
     assert resolve_config().dataset == "digits"
     sop = resolve_config("sop", overrides={"lr": 1e-5})
     assert sop.lr == 1e-5 and sop.eval_ks == [1, 10, 100, 1000] and sop.lr_gamma == 0.25
+
+
+def test_csv_manifest_alone_trains(tmp_path):
+    rows = ["path,label,split"]
+    for i, (label, split) in enumerate([("a", "train"), ("b", "train"), ("c", "test"),
+                                        ("d", "test")]):
+        _noise_images(tmp_path / "imgs" / label, 2, seed=i)
+        rows += [f"imgs/{label}/img_{k}.jpg,{label},{split}" for k in range(2)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "csv", "--csv", str(tmp_path / "manifest.csv"), "--out",
+            str(out), *TINY, "--batch-size", "2"]
+    assert main(argv) == 0
+    assert "4 train images in 2 classes; 4 test images" in (out / "train.log").read_text()

@@ -167,6 +167,8 @@ def load_image_splits(
     from idml.datasets import DatasetError, Records, cache_root, read_dataset, validate_images
     from idml.images import CachedImageDataset, ImageDataset, build_transforms, cache_images
 
+    if root is None and name == "csv" and csv is not None:
+        root, csv = csv, None  # the manifest alone: its paths are relative to its folder
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-root (the folder that holds it)")
     parts = read_dataset(name, root, train_classes=train_classes, csv=csv).parts()
