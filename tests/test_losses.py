@@ -111,3 +111,11 @@ def test_optimisation_lowers_the_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.8 * first
+
+
+def test_semantic_similarity_is_float32_under_autocast():
+    s, u, y = _batch(6)
+    loss_fn = ProxyAnchorLoss(6, 16, metric="semantic")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = loss_fn.similarity(s.bfloat16(), u.bfloat16())
+    assert sim.dtype == torch.float32

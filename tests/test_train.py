@@ -106,3 +106,32 @@ def test_digits_rotation_classes_extend_training_only():
     first = plain.train.images[plain.train.labels == 3][0]
     turned = rotated.train.images[rotated.train.labels == 3 + 5 * 2][0]
     torch.testing.assert_close(turned, torch.rot90(first, 2, dims=(1, 2)))
+
+
+def test_bad_flags_give_clear_errors(tmp_path, capsys):
+    for argv, needle in [
+        (["--device", "gpu"], "--device 'gpu' is not a device"),
+        (["--ism-b", "-1"], "ism_b must be >= 0"),
+        (["--backbone", "no_such_net"], "no_such_net"),
+        (["--dataset", "folder", "--data-root", str(tmp_path / "absent")], "does not exist"),
+    ]:
+        out = tmp_path / "run"
+        assert main(["train", "--no-progress", "--out", str(out), *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+        assert not out.exists() or not any(out.iterdir()), argv  # no half-made run folder
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("lr: 1e-3\nweight_decay: 5e-5\n")  # YAML 1.1 parses these as strings
+    cfg = resolve_config(config_file=cfg_file)
+    assert cfg.lr == 1e-3 and cfg.weight_decay == 5e-5
+
+
+def test_evaluating_a_missing_validation_split_is_an_error():
+    from idml.train import evaluate_model
+
+    cfg = RunConfig(device="cpu")
+    model, splits = build(cfg, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no validation split"):
+        evaluate_model(model, splits, cfg, torch.device("cpu"), part="val")

@@ -10,6 +10,7 @@ from typing import Any
 
 from idml import __version__
 from idml.config import PRESETS, RunConfig, resolve_config
+from idml.download import DATASETS
 
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
@@ -31,7 +32,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = _HELP.get(f.name, "") + f" [preset default: {default}]"
+        help_text = _HELP.get(f.name, "") + f" [digits default: {default}]"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl = data_sub.add_parser(
         "download", help="download and unpack an official data set (resumable, verified)"
     )
-    dl.add_argument("name", choices=["cub", "cars", "sop", "inshop"])
+    dl.add_argument("name", choices=sorted(DATASETS))
     dl.add_argument("--root", required=True, help="folder to download and unpack into")
     dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")

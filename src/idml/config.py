@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from idml.datasets import DATASET_NAMES
+
 
 @dataclass
 class RunConfig:
@@ -67,7 +69,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ``ValueError`` naming the field for values that cannot work."""
         choices = {
-            "dataset": ("digits", "cub", "cars", "sop", "inshop", "omniglot", "folder", "csv"),
+            "dataset": ("digits", *DATASET_NAMES),
             "metric": ("semantic", "introspective"),
             "mode": ("default", "reference"),
             "precision": ("fp32", "bf16", "fp16"),
@@ -88,6 +90,16 @@ class RunConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         if self.ism_a <= 0:
             raise ValueError(f"ism_a must be > 0, got {self.ism_a}")
+        if self.ism_b < 0:  # b < 0 makes exp(-(beta + b) / (a d)) blow up as d -> 0
+            raise ValueError(f"ism_b must be >= 0, got {self.ism_b}")
+        if self.uncertainty_dim is not None and self.uncertainty_dim < 1:
+            raise ValueError(f"uncertainty_dim must be >= 1, got {self.uncertainty_dim}")
+        for name in ("num_workers", "m_per_class", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("image_size", "proxy_lr_mult", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError(f"eval_ks must be positive integers, got {self.eval_ks}")
         return self
@@ -145,6 +157,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind):
         raise ValueError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
     return value

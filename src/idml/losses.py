@@ -74,7 +74,8 @@ class ProxyAnchorLoss(nn.Module):
     def similarity(self, semantic: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
         """Similarity of every sample to every proxy ([B, C], float32)."""
         if self.metric == "semantic":
-            return semantic.float() @ F.normalize(self.proxies.float(), dim=1).T
+            with float32_region(semantic.device):  # as the ISM: float32 under autocast
+                return semantic.float() @ F.normalize(self.proxies.float(), dim=1).T
         return proxy_introspective_similarity(
             semantic, uncertainty, self.proxies, a=self.a, b=self.b, reference=self.reference
         )
@@ -211,7 +212,7 @@ class LossSetup:
         if self.metric == "semantic":
             return semantic
         if not isinstance(semantic, (CosineSimilarity, LpDistance)) or semantic.p != 2:
-            raise TypeError(f"no introspective counterpart for {semantic!r}")
+            raise ValueError(f"no introspective counterpart for {semantic!r}")
         return IntrospectiveDistance(
             self.embedding_dim,
             form="cosine" if semantic.is_inverted else "euclidean",

