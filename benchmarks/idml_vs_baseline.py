@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from idml.config import resolve_config
 from idml.train import train
 
@@ -30,6 +32,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "reference": {"metric": "introspective", "mixup": True, "mode": "reference"},
     "mixup_only": {"metric": "semantic", "mixup": True},
     "metric_only": {"metric": "introspective", "mixup": False, "mode": "default"},
+    # the paper's form of the ISM, alpha * exp(-beta / alpha), without the release's constant
+    # warp b = 4 (cosine form: a = 1/2, b = 0)
+    "idml_paper": {"metric": "introspective", "mixup": True, "mode": "default",
+                   "ism_a": 0.5, "ism_b": 0.0},
 }
 COLUMNS = ("recall@1", "recall@2", "nmi", "map@r")
 
@@ -76,9 +82,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--data-root", help="override the preset's data root")
     parser.add_argument("--results", type=Path, help="JSON-lines file to append runs to")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="further RunConfig overrides, e.g. num_workers=8 device=cuda")
     args = parser.parse_args()
     overrides = {"epochs": args.epochs, "data_root": args.data_root}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = yaml.safe_load(value)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
