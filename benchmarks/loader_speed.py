@@ -22,6 +22,7 @@ from idml.images import (
     build_transforms,
     cache_images,
     loader_throughput,
+    test_crop_fraction,
 )
 from idml.losses import mixup_batch, mixup_loss
 from idml.models import create_model
@@ -40,7 +41,7 @@ def main() -> None:
                          pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn)
     train = read_dataset("folder", args.data_root, train_classes=cfg.train_classes).train
     transform = build_transforms(model.input_spec, cfg.image_size, train=True)
-    short = round(cfg.image_size / float(model.input_spec.get("crop_pct") or 0.875))
+    short = round(cfg.image_size / test_crop_fraction(model.input_spec))
     start = time.perf_counter()
     decoded = cache_images(train, short, cache_dir=cache_root() / "decoded")
     print(f"cache ready in {time.perf_counter() - start:.1f} s ({decoded.nbytes / 2**20:.0f} MiB)")

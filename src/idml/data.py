@@ -165,7 +165,13 @@ def load_image_splits(
     transforms then run on small tensors instead of full JPEG decodes every epoch.
     """
     from idml.datasets import DatasetError, Records, cache_root, read_dataset, validate_images
-    from idml.images import CachedImageDataset, ImageDataset, build_transforms, cache_images
+    from idml.images import (
+        CachedImageDataset,
+        ImageDataset,
+        build_transforms,
+        cache_images,
+        test_crop_fraction,
+    )
 
     if root is None and name == "csv" and csv is not None:
         root, csv = csv, None  # the manifest alone: its paths are relative to its folder
@@ -181,8 +187,7 @@ def load_image_splits(
                 raise DatasetError(f"the {part} split of {root} has fewer than 2 classes left")
         parts[part] = good
 
-    crop_pct = float(input_spec.get("crop_pct") or 0.875)
-    short_side = round(image_size / crop_pct)
+    short_side = round(image_size / test_crop_fraction(input_spec))
 
     def make(records: Records, train: bool) -> Dataset:
         transform = build_transforms(input_spec, image_size, train=train and augment)

@@ -690,6 +690,11 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def io_threads() -> int:
+    """Threads for image decoding (PIL releases the GIL): a few more than the cores."""
+    return min(16, (os.cpu_count() or 1) + 2)
+
+
 def validate_images(
     records: Records, *, skip_bad: bool, num_threads: int | None = None
 ) -> tuple[Records, list[tuple[Path, str]]]:
@@ -699,7 +704,7 @@ def validate_images(
     naming it; with ``skip_bad=True`` the bad ones are dropped and returned so the caller can
     report how many were skipped. Decoding runs on a thread pool (PIL releases the GIL).
     """
-    workers = num_threads or min(16, (os.cpu_count() or 1) + 2)
+    workers = num_threads or io_threads()
     bad: list[tuple[Path, str]] = []
     keep_paths, keep_labels = [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:

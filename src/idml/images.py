@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from idml.datasets import DatasetError, Records, fingerprint
+from idml.datasets import DatasetError, Records, fingerprint, io_threads
 
 _GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "F"})
 _INTERPOLATIONS = {
@@ -84,6 +84,11 @@ class ImageDataset(Dataset):
         return img, int(self.records.labels[i])
 
 
+def test_crop_fraction(input_spec: dict[str, Any]) -> float:
+    """Fraction of the resized test image that the centre crop keeps (timm's ``crop_pct``)."""
+    return float(input_spec.get("crop_pct") or 0.875)
+
+
 def build_transforms(input_spec: dict[str, Any], image_size: int, train: bool) -> v2.Compose:
     """The paper's augmentation, for PIL images or uint8 ``[C, H, W]`` tensors.
 
@@ -103,7 +108,7 @@ def build_transforms(input_spec: dict[str, Any], image_size: int, train: bool) -
             v2.RandomHorizontalFlip(),
         ]
     else:
-        crop_pct = float(input_spec.get("crop_pct") or 0.875)
+        crop_pct = test_crop_fraction(input_spec)
         steps += [
             v2.Resize(round(image_size / crop_pct), interpolation=interpolation, antialias=True),
             v2.CenterCrop(image_size),
@@ -236,7 +241,7 @@ def cache_images(
                 return cache
         except Exception:  # a damaged cache file is rebuilt, not fatal
             pass
-    workers = num_threads or min(16, (os.cpu_count() or 1) + 2)
+    workers = num_threads or io_threads()
 
     def decode(p: Path) -> torch.Tensor:
         try:
