@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=sorted(PRESETS),
                        help="named settings applied first [the --dataset's own preset; digits]")
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run from its last completed epoch, with "
+                            "its saved config (other flags are ignored)")
     _add_config_flags(train)
 
     ev = sub.add_parser("eval", help="recompute the test metrics of a saved checkpoint")
@@ -76,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from idml.train import train
+    from idml.train import resume_config, train
 
+    if args.resume is not None:
+        train(resume_config(args.resume), resume=args.resume)
+        return 0
     names = {f.name for f in fields(RunConfig)}
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names}
     cfg = resolve_config(args.preset, args.config, overrides)

@@ -276,21 +276,92 @@ def _set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Train, evaluate before and after, and write the run folder. Returns the metrics."""
+def _rng_state(loader: DataLoader, generators: list[torch.Generator]) -> dict[str, Any]:
+    """Every random state a run draws from, in types ``weights_only`` loading accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 -- legacy state
+    sampler_rng = getattr(loader.sampler, "rng", None)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+        "loader": loader.generator.get_state() if loader.generator is not None else None,
+        "generators": [g.get_state() for g in generators],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if sampler_rng is not None:
+        s_name, s_keys, s_pos, s_has, s_gauss = sampler_rng.get_state()
+        state["sampler"] = (s_name, torch.from_numpy(s_keys.astype(np.int64)), s_pos, s_has,
+                            s_gauss)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader: DataLoader,
+                   generators: list[torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    random.setstate(state["python"])
+    if state["loader"] is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+    for gen, gen_state in zip(generators, state["generators"], strict=True):
+        gen.set_state(gen_state)
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "sampler" in state:
+        s_name, s_keys, s_pos, s_has, s_gauss = state["sampler"]
+        loader.sampler.rng.set_state(  # type: ignore[attr-defined]
+            (s_name, s_keys.numpy().astype(np.uint32), s_pos, s_has, s_gauss)
+        )
+
+
+def resume_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config of an interrupted run (its ``config.yaml``)."""
+    from idml.config import config_from_dict
+
+    path = Path(run_dir) / "config.yaml"
+    if not (Path(run_dir) / RESUME_FILE).is_file():
+        raise ValueError(f"--resume {run_dir}: no {RESUME_FILE} there (nothing to resume; a run "
+                         "writes it at the end of every epoch and removes it when it finishes)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--resume {run_dir}: cannot read {path}: {exc}") from exc
+    return config_from_dict(values, source=str(path))
+
+
+#: Written atomically at the end of every epoch; ``--resume`` continues from it.
+RESUME_FILE = "last.pt"
+
+
+def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train, evaluate before and after, and write the run folder. Returns the metrics.
+
+    ``resume``: the folder of an interrupted run (killed at any point); training continues
+    from its last completed epoch with every random state restored, so on the CPU the result
+    equals that of an uninterrupted run.
+    """
     cfg.validate()
     device = select_device(cfg.device)
     build_loss_for(cfg, num_classes=2)  # a bad loss/metric/mode fails before any work
     seed_everything(cfg.seed)
-    run_dir = make_run_dir(cfg)
-    log = RunLog(run_dir / "train.log")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
-    try:
+    if resume is not None:
+        from idml.checkpoint import load_checkpoint
+
+        run_dir = Path(resume)
+        saved = load_checkpoint(run_dir / RESUME_FILE, map_location=device)
+        log = RunLog(run_dir / "train.log")
         model, splits = build(cfg, device, log)
-    except BaseException:
-        # Nothing was trained: leave no half-made run folder that blocks the same --out.
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    else:
+        saved = None
+        run_dir = make_run_dir(cfg)
+        log = RunLog(run_dir / "train.log")
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        try:
+            model, splits = build(cfg, device, log)
+        except BaseException:
+            # Nothing was trained: leave no half-made run folder that blocks the same --out.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     loss_fn = build_loss_for(cfg, splits.num_train_classes).to(device)
     sizes = ", ".join(f"{len(d)} {name}" for name, d in (
         ("test", splits.test), ("val", splits.val), ("query", splits.query),
@@ -325,10 +396,24 @@ def train(cfg: RunConfig) -> TrainResult:
         cfg.num_workers,
     )
 
-    initial, _ = evaluate_model(model, splits, cfg, device)
+    generators = [mixup_gen, aug_gen]
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, Any]] = []
-    for epoch in range(cfg.epochs):
+    start_epoch = 0
+    if saved is None:
+        initial, _ = evaluate_model(model, splits, cfg, device)
+    else:
+        model.load_state_dict(saved["model"])
+        loss_fn.load_state_dict(saved["loss"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"], loader, generators)
+        initial, history, start_epoch = saved["initial"], saved["history"], saved["epoch"]
+        if saved["best"] is not None:
+            best = (saved["best"]["score"], saved["best"]["state"])
+        log(f"resumed {run_dir} after epoch {start_epoch}/{cfg.epochs}")
+    for epoch in range(start_epoch, cfg.epochs):
         warm = epoch < cfg.warmup_epochs
         _set_requires_grad(backbone_params, not warm)  # warm-up: heads + proxies only
         model.train()
@@ -385,6 +470,13 @@ def train(cfg: RunConfig) -> TrainResult:
         extra = f" | val recall@1 {100 * record['val']['recall@1']:.2f}" if "val" in record else ""
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
             f"{record['images_per_s']:.0f} img/s{' (warm-up)' if warm else ''}{extra}")
+        save_checkpoint(run_dir / RESUME_FILE, {
+            "config": as_dict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+            "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": _rng_state(loader, generators), "initial": initial, "history": history,
+            "best": None if best is None else {"score": best[0], "state": best[1]},
+        })
 
     if best is not None:  # chosen on the validation classes, never on the test classes
         model.load_state_dict(best[1])
@@ -402,6 +494,7 @@ def train(cfg: RunConfig) -> TrainResult:
         json.dumps({"initial": initial, "final": final, "uncertainty": unc}, indent=2)
     )
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    (run_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
     log(format_metrics_table({"initial": initial, "final": final}))
     log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest neighbour "
         f"is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")

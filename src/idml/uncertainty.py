@@ -1,0 +1,273 @@
+"""How well the uncertainty embedding ranks retrieval queries by trust, as pure functions.
+
+``docs/idml-method.md`` section 8: drop the most uncertain queries and Recall@1 of the rest
+should rise. The per-image uncertainty is ``||u||^2`` (:func:`uncertainty_score`); a query
+*fails* when its nearest neighbour (leave-one-out, or against a gallery) has another label
+(:func:`query_correct`). From a confidence and the failures, :func:`risk_coverage` gives the
+risk-coverage curve, AURC and E-AURC (Geifman et al., "Bias-Reduced Uncertainty Estimation for
+Deep Neural Classifiers", ICLR 2019; Ding et al., "Revisiting the Evaluation of Uncertainty
+Estimation and Its Application to Explore Model Complexity-Uncertainty Trade-Off", CVPRW
+2020) and Recall@1 of the most confident fraction. :func:`uncertainty_report` compares the
+uncertainty with two references: the semantic embedding's own nearest-neighbour margin
+(:func:`semantic_confidence`, the one to beat) and a random order. All values are plain floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from idml.evaluate import knn
+
+#: Coverages at which Recall@1 of the most confident queries is reported.
+DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
+#: Random orders averaged for the ``random`` row of :func:`uncertainty_report`.
+RANDOM_DRAWS = 10
+
+
+def uncertainty_score(uncertainty: torch.Tensor) -> torch.Tensor:
+    """Per-image uncertainty ``||u||^2`` of ``[N, D]`` uncertainty embeddings, float32 ``[N]``.
+
+    This is the ``beta`` the introspective metric uses against a proxy (whose uncertainty is
+    zero): ``||u - 0||^2``. Larger means more ambiguous. ``u`` is not normalised (it must not
+    be, ``docs/idml-method.md`` 5a).
+    """
+    if uncertainty.ndim != 2:
+        raise ValueError(f"expected [N, D], got {tuple(uncertainty.shape)}")
+    return uncertainty.detach().float().pow(2).sum(dim=1)
+
+
+def _check_gallery(
+    semantic: torch.Tensor, gallery: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised ``(query, reference)``; the reference is the query set itself if no gallery."""
+    if semantic.ndim != 2:
+        raise ValueError(f"expected [N, D] semantic embeddings, got {tuple(semantic.shape)}")
+    q = F.normalize(semantic.detach().float(), dim=1)
+    if gallery is None:
+        return q, q
+    if gallery.ndim != 2 or gallery.shape[1] != semantic.shape[1]:
+        raise ValueError(f"gallery must be [M, {semantic.shape[1]}], got {tuple(gallery.shape)}")
+    return q, F.normalize(gallery.detach().float(), dim=1).to(q.device)
+
+
+def query_correct(
+    semantic: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool ``[N]``: whether each query's nearest neighbour (cosine) has the query's label.
+
+    Without a gallery, leave-one-out on ``semantic`` (the query is excluded by index, so an
+    exact duplicate of it is still a valid neighbour); with one, against ``gallery`` /
+    ``gallery_labels`` (both or neither). The mean is Recall@1.
+    """
+    if (gallery is None) != (gallery_labels is None):
+        raise ValueError("pass gallery and gallery_labels together")
+    if labels.shape[0] != semantic.shape[0]:
+        raise ValueError("one label per query is required")
+    q, ref = _check_gallery(semantic, gallery)
+    labels = labels.detach().reshape(-1).to(q.device)
+    if gallery_labels is None:
+        ref_labels = labels
+    else:
+        ref_labels = gallery_labels.detach().reshape(-1).to(q.device)
+        if ref_labels.shape[0] != ref.shape[0]:
+            raise ValueError("one label per gallery item is required")
+    _, idx = knn(q, ref, 1, exclude_self=gallery is None)
+    return ref_labels[idx[:, 0]] == labels
+
+
+def semantic_confidence(
+    semantic: torch.Tensor, *, gallery: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 ``[N]`` confidence from the semantic embedding alone: ``cos_1 - cos_2``.
+
+    ``cos_1``, ``cos_2`` are the cosine similarities of the first and second nearest
+    neighbour (leave-one-out, or in ``gallery``). A query far closer to one item than to
+    the next is unambiguous; the reference an uncertainty embedding must beat.
+    """
+    q, ref = _check_gallery(semantic, gallery)
+    sims, _ = knn(q, ref, 2, exclude_self=gallery is None)
+    return sims[:, 0] - sims[:, 1]
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).reshape(-1).astype(dtype)
+
+
+def _expected_cumulative_errors(confidence: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """``E[#errors among the k most confident]`` for k = 1..N, ties broken uniformly at random.
+
+    Inside a group of equal confidences every order is equally likely, so taking ``m`` of the
+    group's ``n_g`` items adds ``m * e_g / n_g`` expected errors (``e_g`` = errors in the
+    group): the cumulative error count is interpolated linearly across each tie group. This
+    is exact (no sampling) and does not depend on the input order.
+    """
+    order = np.argsort(-confidence, kind="stable")
+    c, e = confidence[order], errors[order]
+    n = len(c)
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    group_errors = np.add.reduceat(e, starts)
+    errors_before = np.r_[0.0, np.cumsum(group_errors)[:-1]]
+    group = np.repeat(np.arange(len(starts)), sizes)
+    taken = np.arange(1, n + 1) - starts[group]
+    return errors_before[group] + taken * (group_errors[group] / sizes[group])
+
+
+def _coverage_key(coverage: float) -> str:
+    return f"recall@1@{100 * coverage:g}%"
+
+
+def risk_coverage(
+    confidence: torch.Tensor | np.ndarray,
+    correct: torch.Tensor | np.ndarray,
+    *,
+    coverages: Sequence[float] = DEFAULT_COVERAGES,
+) -> dict[str, np.ndarray | float]:
+    """Risk-coverage curve of ``N`` queries ranked by decreasing ``confidence``.
+
+    For ``k = 1..N``: ``coverage[k-1] = k / N`` and ``risk[k-1] = 1 - mean(correct)`` of the
+    ``k`` most confident queries. Ties in ``confidence`` are averaged over all orders of the
+    tied queries (:func:`_expected_cumulative_errors`), so all-equal confidence gives
+    ``risk = 1 - accuracy`` at every ``k``.
+
+    Returns ``coverage`` and ``risk`` (float64 arrays), ``aurc`` = mean of ``risk`` over
+    ``k = 1..N`` (Geifman et al. 2019), ``e_aurc`` = ``aurc`` minus the AURC of a perfect
+    ranking (every correct query before every failure) with the same accuracy, and for each
+    ``c`` in ``coverages`` ``"recall@1@{100c}%"`` = ``1 - risk`` at ``k = ceil(c * N)``.
+    """
+    conf = _as_numpy(confidence, np.float64)
+    ok = _as_numpy(correct, bool)
+    n = len(conf)
+    if n == 0 or len(ok) != n:
+        raise ValueError(f"need one correctness flag per confidence, got {n} and {len(ok)}")
+    if np.isnan(conf).any():
+        raise ValueError("confidence contains NaN")
+    errors = (~ok).astype(np.float64)
+    k = np.arange(1, n + 1, dtype=np.float64)
+    risk = _expected_cumulative_errors(conf, errors) / k
+    # Same code path as ``risk`` so that a perfect ranking gives e_aurc == 0 exactly.
+    optimal = _expected_cumulative_errors(ok.astype(np.float64), errors) / k
+    aurc = float(risk.mean())
+    out: dict[str, np.ndarray | float] = {
+        "coverage": k / n,
+        "risk": risk,
+        "aurc": aurc,
+        "e_aurc": aurc - float(optimal.mean()),
+    }
+    for c in coverages:
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {c}")
+        # The small tolerance keeps e.g. 0.7 * 10 = 7.000000000000001 at k = 7.
+        top = min(max(math.ceil(c * n - 1e-9), 1), n)
+        out[_coverage_key(c)] = float(1.0 - risk[top - 1])
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho; ``nan`` (no warning) when either side is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b)[0])
+
+
+def _row(
+    confidence: np.ndarray, correct: np.ndarray, coverages: Sequence[float]
+) -> dict[str, float]:
+    """Scalar metrics of one confidence; ``spearman`` is of ``-confidence`` vs failure."""
+    curve = risk_coverage(confidence, correct, coverages=coverages)
+    row = {key: float(v) for key, v in curve.items() if key not in ("coverage", "risk")}
+    row["spearman"] = _spearman(-confidence, (~correct).astype(np.float64))
+    return row
+
+
+def uncertainty_report(
+    semantic: torch.Tensor,
+    uncertainty: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    coverages: Sequence[float] = DEFAULT_COVERAGES,
+    random_draws: int = RANDOM_DRAWS,
+) -> dict[str, dict[str, float]]:
+    """Compare confidences for ranking retrieval queries, one row each.
+
+    Rows: ``uncertainty`` (confidence ``-||u||^2``), ``semantic_gap``
+    (:func:`semantic_confidence`) and ``random`` (the mean over ``random_draws`` random
+    orders drawn with ``seed``). Each row has ``aurc``, ``e_aurc``, ``recall@1@{c}%`` for
+    ``c`` in ``coverages`` and ``spearman``: Spearman's rho between the row's risk score
+    (``-confidence``; for ``uncertainty`` that is ``||u||^2``) and per-query failure
+    (1 = nearest neighbour has another label). Positive = the score flags failures; ``nan``
+    when all queries succeed or all fail. Queries are leave-one-out on ``semantic`` or
+    against ``gallery`` / ``gallery_labels``; ``uncertainty`` belongs to the queries.
+    """
+    if uncertainty.shape[0] != semantic.shape[0]:
+        raise ValueError("one uncertainty embedding per query is required")
+    if random_draws < 1:
+        raise ValueError(f"random_draws must be positive, got {random_draws}")
+    correct = _as_numpy(
+        query_correct(semantic, labels, gallery=gallery, gallery_labels=gallery_labels), bool
+    )
+    scores = _as_numpy(uncertainty_score(uncertainty), np.float64)
+    gap = _as_numpy(semantic_confidence(semantic, gallery=gallery), np.float64)
+
+    rng = np.random.default_rng(seed)
+    draws = [
+        _row(rng.permutation(len(correct)).astype(np.float64), correct, coverages)
+        for _ in range(random_draws)
+    ]
+    random_row = {key: float(np.mean([d[key] for d in draws])) for key in draws[0]}
+    return {
+        "uncertainty": _row(-scores, correct, coverages),
+        "semantic_gap": _row(gap, correct, coverages),
+        "random": random_row,
+    }
+
+
+def mixup_ambiguity_auroc(
+    clean_scores: torch.Tensor | np.ndarray, mixed_scores: torch.Tensor | np.ndarray
+) -> float:
+    """AUROC of telling mixup-blended images (positives) from clean ones by uncertainty score.
+
+    1 = every blend scores above every clean image, 0.5 = no better than chance; ties count
+    half (sklearn's ``roc_auc_score``).
+    """
+    clean = _as_numpy(clean_scores, np.float64)
+    mixed = _as_numpy(mixed_scores, np.float64)
+    if len(clean) == 0 or len(mixed) == 0:
+        raise ValueError("need at least one clean and one mixed score")
+    y = np.r_[np.zeros(len(clean)), np.ones(len(mixed))]
+    return float(roc_auc_score(y, np.r_[clean, mixed]))
+
+
+def format_uncertainty_table(report: dict[str, dict[str, float]]) -> str:
+    """Plain-text table of :func:`uncertainty_report`: one line per row, one column per metric."""
+    if not report:
+        return ""
+    columns = list(next(iter(report.values())))
+    name_width = max(len("confidence"), *(len(name) for name in report))
+    widths = [max(len(c), 7) for c in columns]
+
+    def line(name: str, cells: list[str]) -> str:
+        padded = [cell.rjust(w) for cell, w in zip(cells, widths, strict=True)]
+        return "  ".join([name.ljust(name_width), *padded])
+
+    header = line("confidence", columns)
+    lines = [header, "-" * len(header)]
+    for name, row in report.items():
+        lines.append(line(name, [f"{row.get(c, float('nan')):.4f}" for c in columns]))
+    return "\n".join(lines)
