@@ -93,8 +93,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from idml.train import evaluate_checkpoint, format_metrics_table
+    from idml.uncertainty import format_uncertainty_table
 
-    metrics, recorded = evaluate_checkpoint(args.checkpoint, device=args.device)
+    metrics, recorded, risk = evaluate_checkpoint(args.checkpoint, device=args.device)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -105,6 +106,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if recorded is not None:
         diff = max(abs(metrics[k] - recorded[k]) for k in metrics if k in recorded)
         print(f"largest difference from the metrics recorded at training: {diff:.3g}")
+    print("\nqueries ranked by confidence (risk = 1 - recall@1; lower AURC is better):")
+    print(format_uncertainty_table(risk))
     return 0
 
 

@@ -33,6 +33,7 @@ from idml.evaluate import knn, query_gallery_metrics, retrieval_metrics
 from idml.images import make_train_loader
 from idml.losses import build_loss, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet, create_model
+from idml.uncertainty import format_uncertainty_table, uncertainty_report
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -155,13 +156,17 @@ def evaluate_model(
     if data is not None:
         s, u, y = embed(data)
         metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
-        return metrics, uncertainty_summary(s, u, y)
+        summary = uncertainty_summary(s, u, y)
+        report = uncertainty_report(s, u, y, seed=cfg.seed)
+        return metrics, {**summary, "risk_coverage": report}
     if splits.query is None or splits.gallery is None:
         raise ValueError(f"the data set has no {part} split")
     s, u, y = embed(splits.query)
     gs, _, gy = embed(splits.gallery)
     metrics = query_gallery_metrics(s, y, gs, gy, ks=tuple(cfg.eval_ks))
-    return metrics, uncertainty_summary(s, u, y, gallery=(gs, gy))
+    summary = uncertainty_summary(s, u, y, gallery=(gs, gy))
+    report = uncertainty_report(s, u, y, seed=cfg.seed, gallery=gs, gallery_labels=gy)
+    return metrics, {**summary, "risk_coverage": report}
 
 
 def build(
@@ -269,6 +274,15 @@ class TrainResult:
     initial: dict[str, float]
     final: dict[str, float]
     uncertainty: dict[str, float]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. an undefined correlation) as JSON ``null`` instead of the invalid ``NaN``."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
@@ -491,23 +505,25 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         },
     )
     (run_dir / "metrics.json").write_text(
-        json.dumps({"initial": initial, "final": final, "uncertainty": unc}, indent=2)
+        json.dumps(_json_safe({"initial": initial, "final": final, "uncertainty": unc}), indent=2)
     )
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     (run_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
     log(format_metrics_table({"initial": initial, "final": final}))
     log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest neighbour "
         f"is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
+    log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
+        + format_uncertainty_table(unc["risk_coverage"]))
     return TrainResult(run_dir, initial, final, unc)
 
 
 def evaluate_checkpoint(
     path: str | Path, device: str = "auto"
-) -> tuple[dict[str, float], dict[str, float] | None]:
+) -> tuple[dict[str, float], dict[str, float] | None, dict[str, dict[str, float]]]:
     """Rebuild the model of a checkpoint and recompute its test metrics.
 
-    Returns ``(metrics, recorded)``, where ``recorded`` are the final metrics saved at
-    training time (``None`` if absent).
+    Returns ``(metrics, recorded, risk_coverage)``: ``recorded`` are the final metrics saved
+    at training time (``None`` if absent), ``risk_coverage`` the uncertainty report.
     """
     from idml.checkpoint import load_checkpoint
     from idml.config import config_from_dict
@@ -522,5 +538,5 @@ def evaluate_checkpoint(
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path}: weights do not fit the configured model: {exc}") \
             from exc
-    metrics, _ = evaluate_model(model, splits, cfg, dev)
-    return metrics, ckpt.get("metrics", {}).get("final")
+    metrics, unc = evaluate_model(model, splits, cfg, dev)
+    return metrics, ckpt.get("metrics", {}).get("final"), unc["risk_coverage"]
