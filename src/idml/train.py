@@ -362,7 +362,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         from idml.checkpoint import load_checkpoint
 
         run_dir = Path(resume)
-        saved = load_checkpoint(run_dir / RESUME_FILE, map_location=device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+        saved = load_checkpoint(run_dir / RESUME_FILE, map_location="cpu")
         log = RunLog(run_dir / "train.log")
         model, splits = build(cfg, device, log)
     else:
