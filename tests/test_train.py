@@ -33,6 +33,8 @@ def test_cli_train_then_eval_end_to_end(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["initial"]) == METRIC_KEYS and set(metrics["final"]) == METRIC_KEYS
     assert metrics["final"]["recall@1"] > metrics["initial"]["recall@1"]
+    assert 0.0 <= metrics["uncertainty"]["mixup_auroc"] <= 1.0
+    assert set(metrics["uncertainty"]["risk_coverage"]) == {"uncertainty", "semantic_gap", "random"}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["epochs"] == 8 and saved["metric"] == "introspective"
 
@@ -135,3 +137,19 @@ def test_evaluating_a_missing_validation_split_is_an_error():
     model, splits = build(cfg, torch.device("cpu"))
     with pytest.raises(ValueError, match="no validation split"):
         evaluate_model(model, splits, cfg, torch.device("cpu"), part="val")
+
+
+def test_mixup_uncertainty_scores_5050_blends_within_each_batch():
+    from idml.train import mixup_uncertainty
+
+    cfg = RunConfig(device="cpu", eval_batch_size=64)
+    model, splits = build(cfg, torch.device("cpu"))
+    got = mixup_uncertainty(model, splits.test, cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = splits.test.images[:64]
+    partner = torch.randperm(64, generator=gen)
+    model.eval()
+    with torch.no_grad():
+        _, u = model(0.5 * x + 0.5 * x[partner])
+    assert got.shape == (len(splits.test),)
+    torch.testing.assert_close(got[:64], u.pow(2).sum(1))

@@ -95,7 +95,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from idml.train import evaluate_checkpoint, format_metrics_table
     from idml.uncertainty import format_uncertainty_table
 
-    metrics, recorded, risk = evaluate_checkpoint(args.checkpoint, device=args.device)
+    metrics, recorded, unc = evaluate_checkpoint(args.checkpoint, device=args.device)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -107,7 +107,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         diff = max(abs(metrics[k] - recorded[k]) for k in metrics if k in recorded)
         print(f"largest difference from the metrics recorded at training: {diff:.3g}")
     print("\nqueries ranked by confidence (risk = 1 - recall@1; lower AURC is better):")
-    print(format_uncertainty_table(risk))
+    print(format_uncertainty_table(unc["risk_coverage"]))
+    print(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} (blended vs clean test images "
+          "by ||u||^2; 0.5 = chance)")
     return 0
 
 

@@ -33,7 +33,12 @@ from idml.evaluate import knn, query_gallery_metrics, retrieval_metrics
 from idml.images import make_train_loader
 from idml.losses import build_loss, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet, create_model
-from idml.uncertainty import format_uncertainty_table, uncertainty_report
+from idml.uncertainty import (
+    format_uncertainty_table,
+    mixup_ambiguity_auroc,
+    uncertainty_report,
+    uncertainty_score,
+)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -105,6 +110,32 @@ def compute_embeddings(
     return torch.cat(sem), torch.cat(unc), labels_of(data)
 
 
+@torch.no_grad()
+def mixup_uncertainty(
+    model: IntrospectiveNet, data: Dataset, cfg: RunConfig, device: torch.device
+) -> torch.Tensor:
+    """``||u||^2`` of every image blended 50/50 with another image of the same batch.
+
+    Deliberately ambiguous inputs: a useful uncertainty scores them above the clean images
+    (see :func:`idml.uncertainty.mixup_ambiguity_auroc`). Partners come from a generator
+    seeded with ``cfg.seed``, so the check is reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scores = []
+    loader = DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False,
+                        num_workers=cfg.num_workers)
+    for images, _ in loader:
+        images = images.to(device)
+        partner = torch.randperm(len(images), generator=gen).to(device)
+        with autocast(device, cfg.precision):
+            _, u = model(0.5 * images + 0.5 * images[partner])
+        scores.append(uncertainty_score(u).cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
 def uncertainty_summary(
     semantic: torch.Tensor,
     uncertainty: torch.Tensor,
@@ -136,11 +167,13 @@ def evaluate_model(
     cfg: RunConfig,
     device: torch.device,
     part: str = "test",
-) -> tuple[dict[str, float], dict[str, float]]:
+    ambiguity: bool = False,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Retrieval metrics on the semantic embedding, and the uncertainty summary.
 
     ``part`` is ``test`` or ``val`` (leave-one-out); a data set with a query/gallery split
-    (In-Shop) is evaluated query against gallery for ``test``.
+    (In-Shop) is evaluated query against gallery for ``test``. ``ambiguity`` adds the AUROC
+    of telling mixup-blended query images from clean ones by ``||u||^2`` (one more pass).
     """
     def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s, u, y = compute_embeddings(
@@ -158,6 +191,9 @@ def evaluate_model(
         metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
         summary = uncertainty_summary(s, u, y)
         report = uncertainty_report(s, u, y, seed=cfg.seed)
+        if ambiguity:
+            mixed = mixup_uncertainty(model, data, cfg, device)
+            summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
         return metrics, {**summary, "risk_coverage": report}
     if splits.query is None or splits.gallery is None:
         raise ValueError(f"the data set has no {part} split")
@@ -166,6 +202,9 @@ def evaluate_model(
     metrics = query_gallery_metrics(s, y, gs, gy, ks=tuple(cfg.eval_ks))
     summary = uncertainty_summary(s, u, y, gallery=(gs, gy))
     report = uncertainty_report(s, u, y, seed=cfg.seed, gallery=gs, gallery_labels=gy)
+    if ambiguity:
+        mixed = mixup_uncertainty(model, splits.query, cfg, device)
+        summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
     return metrics, {**summary, "risk_coverage": report}
 
 
@@ -495,7 +534,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
 
     if best is not None:  # chosen on the validation classes, never on the test classes
         model.load_state_dict(best[1])
-    final, unc = evaluate_model(model, splits, cfg, device)
+    final, unc = evaluate_model(model, splits, cfg, device, ambiguity=True)
     save_checkpoint(
         run_dir / "checkpoint.pt",
         {
@@ -515,16 +554,19 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         f"is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
     log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
         + format_uncertainty_table(unc["risk_coverage"]))
+    log(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} of telling 50/50-blended test "
+        "images from clean ones by ||u||^2 (0.5 = chance)")
     return TrainResult(run_dir, initial, final, unc)
 
 
 def evaluate_checkpoint(
     path: str | Path, device: str = "auto"
-) -> tuple[dict[str, float], dict[str, float] | None, dict[str, dict[str, float]]]:
+) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
     """Rebuild the model of a checkpoint and recompute its test metrics.
 
-    Returns ``(metrics, recorded, risk_coverage)``: ``recorded`` are the final metrics saved
-    at training time (``None`` if absent), ``risk_coverage`` the uncertainty report.
+    Returns ``(metrics, recorded, uncertainty)``: ``recorded`` are the final metrics saved
+    at training time (``None`` if absent); ``uncertainty`` holds the risk-coverage report
+    and the mixup ambiguity AUROC.
     """
     from idml.checkpoint import load_checkpoint
     from idml.config import config_from_dict
@@ -539,5 +581,5 @@ def evaluate_checkpoint(
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path}: weights do not fit the configured model: {exc}") \
             from exc
-    metrics, unc = evaluate_model(model, splits, cfg, dev)
-    return metrics, ckpt.get("metrics", {}).get("final"), unc["risk_coverage"]
+    metrics, unc = evaluate_model(model, splits, cfg, dev, ambiguity=True)
+    return metrics, ckpt.get("metrics", {}).get("final"), unc
