@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from test_evaluate import _normalised
 
 from idml.uncertainty import (
     format_uncertainty_table,
@@ -21,11 +22,6 @@ from idml.uncertainty import (
     uncertainty_report,
     uncertainty_score,
 )
-
-
-def _normalised(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _brute_similarity(q: np.ndarray, g: np.ndarray, exclude_self: bool) -> np.ndarray:
