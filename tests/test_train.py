@@ -153,3 +153,10 @@ def test_mixup_uncertainty_scores_5050_blends_within_each_batch():
         _, u = model(0.5 * x + 0.5 * x[partner])
     assert got.shape == (len(splits.test),)
     torch.testing.assert_close(got[:64], u.pow(2).sum(1))
+
+
+def test_proxy_anchor_flags_are_refused_for_other_losses(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--loss", "triplet", "--margin", "0.3", "--out", str(out)]) == 2
+    assert "margin/scale are Proxy-Anchor's" in capsys.readouterr().err
+    assert not out.exists()

@@ -250,6 +250,11 @@ def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     overrides: dict[str, Any] = {}
     if cfg.loss == "proxy_anchor":
         overrides = {"margin": cfg.margin, "scale": cfg.scale, "reference": cfg.mode == "reference"}
+    elif (cfg.margin, cfg.scale) != (RunConfig.margin, RunConfig.scale):
+        raise ValueError(
+            f"margin/scale are Proxy-Anchor's; --loss {cfg.loss} uses its own defaults "
+            "(see idml.losses), so leave --margin and --scale unset"
+        )
     elif cfg.mode == "reference":
         raise ValueError(
             "mode=reference reproduces the release's Proxy-Anchor numerics; "
