@@ -29,13 +29,14 @@ from idml.data import (
     load_image_splits,
     random_affine,
 )
-from idml.evaluate import knn, query_gallery_metrics, retrieval_metrics
+from idml.evaluate import query_gallery_metrics, retrieval_metrics
 from idml.images import make_train_loader
 from idml.losses import build_loss, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet, create_model
 from idml.uncertainty import (
     format_uncertainty_table,
     mixup_ambiguity_auroc,
+    query_correct,
     uncertainty_report,
     uncertainty_score,
 )
@@ -146,13 +147,12 @@ def uncertainty_summary(
 
     Leave-one-out within the set, or against ``gallery = (semantic, labels)`` when given.
     """
-    score = uncertainty.pow(2).sum(1)
+    score = uncertainty_score(uncertainty)
     if gallery is None:
-        _, idx = knn(semantic, semantic, 1, exclude_self=True)
-        correct = labels[idx[:, 0]] == labels
+        correct = query_correct(semantic, labels)
     else:
-        _, idx = knn(semantic, gallery[0], 1, exclude_self=False)
-        correct = gallery[1][idx[:, 0]] == labels
+        correct = query_correct(semantic, labels, gallery=gallery[0], gallery_labels=gallery[1])
+    correct = correct.to(score.device)
     nan = float("nan")
     return {
         "mean": score.mean().item(),
@@ -334,30 +334,38 @@ def _set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def _numpy_state_out(state: tuple) -> tuple:
+    """A NumPy ``RandomState`` state with its key array as a tensor (``weights_only``-safe)."""
+    name, keys, pos, has_gauss, gauss = state
+    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss
+
+
+def _numpy_state_in(state: tuple) -> tuple:
+    """Inverse of :func:`_numpy_state_out`."""
+    name, keys, pos, has_gauss, gauss = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
+
+
 def _rng_state(loader: DataLoader, generators: list[torch.Generator]) -> dict[str, Any]:
     """Every random state a run draws from, in types ``weights_only`` loading accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 -- legacy state
     sampler_rng = getattr(loader.sampler, "rng", None)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "numpy": _numpy_state_out(np.random.get_state()),  # noqa: NPY002 -- legacy state
         "python": random.getstate(),
         "loader": loader.generator.get_state() if loader.generator is not None else None,
         "generators": [g.get_state() for g in generators],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     if sampler_rng is not None:
-        s_name, s_keys, s_pos, s_has, s_gauss = sampler_rng.get_state()
-        state["sampler"] = (s_name, torch.from_numpy(s_keys.astype(np.int64)), s_pos, s_has,
-                            s_gauss)
+        state["sampler"] = _numpy_state_out(sampler_rng.get_state())
     return state
 
 
 def _set_rng_state(state: dict[str, Any], loader: DataLoader,
                    generators: list[torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    np.random.set_state(_numpy_state_in(state["numpy"]))  # noqa: NPY002 -- legacy state
     random.setstate(state["python"])
     if state["loader"] is not None and loader.generator is not None:
         loader.generator.set_state(state["loader"])
@@ -366,10 +374,7 @@ def _set_rng_state(state: dict[str, Any], loader: DataLoader,
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "sampler" in state:
-        s_name, s_keys, s_pos, s_has, s_gauss = state["sampler"]
-        loader.sampler.rng.set_state(  # type: ignore[attr-defined]
-            (s_name, s_keys.numpy().astype(np.uint32), s_pos, s_has, s_gauss)
-        )
+        loader.sampler.rng.set_state(_numpy_state_in(state["sampler"]))  # type: ignore[attr-defined]
 
 
 def resume_config(run_dir: str | Path) -> RunConfig:
