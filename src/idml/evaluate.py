@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
-from idml.metric import float32_region
+from idml.knn import knn
 
 #: Recall@K depths of the CUB-200-2011 / Cars196 protocol (SOP uses 1, 10, 100, 1000).
 DEFAULT_KS = (1, 2, 4, 8)
@@ -32,53 +32,6 @@ INSHOP_KS = (1, 10, 20, 30, 40, 50)
 #: Lloyd iterations of the k-means behind NMI / F1 (faiss' own default is 25; 20 as in
 #: pytorch-metric-learning's ``AccuracyCalculator``).
 KMEANS_NITER = 20
-
-
-@torch.no_grad()
-def knn(
-    query: torch.Tensor,
-    reference: torch.Tensor,
-    k: int,
-    *,
-    exclude_self: bool,
-    chunk_size: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``k`` nearest neighbours of each query by inner product.
-
-    Inputs are L2-normalised ``[Q, D]`` and ``[N, D]`` tensors on any one device. Returns
-    ``(similarities [Q, k] float32, indices [Q, k] int64)`` sorted by decreasing similarity.
-    With ``exclude_self=True`` query and reference are the same set and query ``i`` never
-    returns index ``i`` (removed by index, so an exact duplicate of ``i`` is still found).
-    Queries are processed ``chunk_size`` at a time: memory is ``O(chunk_size * N)``.
-    """
-    # Hand-written rather than faiss / sklearn: exact search, self-exclusion by index (dropping
-    # the first column fails when a duplicate ties with the query), a bounded memory footprint,
-    # and it runs on whatever device the embeddings already live on (CPU, CUDA, MPS).
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"expected [Q, D] and [N, D], got {tuple(query.shape)}, {tuple(reference.shape)}"
-        )
-    if exclude_self and query.shape[0] != reference.shape[0]:
-        raise ValueError("exclude_self=True needs query and reference to be the same set")
-    available = reference.shape[0] - int(exclude_self)
-    if not 1 <= k <= available:
-        raise ValueError(f"k={k} must be in [1, {available}]")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-
-    reference = reference.float()
-    sims, idxs = [], []
-    with float32_region(query.device):
-        for start in range(0, query.shape[0], chunk_size):
-            chunk = query[start : start + chunk_size].float()
-            sim = chunk @ reference.T
-            if exclude_self:
-                rows = torch.arange(chunk.shape[0], device=sim.device)
-                sim[rows, rows + start] = float("-inf")
-            s, i = torch.topk(sim, k, dim=1, largest=True, sorted=True)
-            sims.append(s)
-            idxs.append(i)
-    return torch.cat(sims), torch.cat(idxs).long()
 
 
 def recall_at_k(
@@ -210,7 +163,7 @@ def retrieval_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     clustering: bool = True,
     seed: int = 0,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Leave-one-out zero-shot evaluation on one set (query = gallery, self excluded by index).
 
@@ -243,7 +196,7 @@ def query_gallery_metrics(
     gallery_labels: torch.Tensor,
     *,
     ks: Sequence[int] = INSHOP_KS,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Query-vs-gallery evaluation (In-Shop protocol); nothing is excluded.
 
