@@ -75,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--root", required=True, help="folder to download and unpack into")
     dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    exp = sub.add_parser(
+        "export", help="export a checkpoint's two-head model to ONNX or TorchScript"
+    )
+    exp.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
+    exp.add_argument("--format", required=True, choices=["onnx", "torchscript"],
+                     help="onnx (input 'images', outputs 'semantic', 'uncertainty') or "
+                          "torchscript (traced; returns (semantic, uncertainty))")
+    exp.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    exp.add_argument("--image-size", type=int, metavar="N",
+                     help="input side length [the run's: its image size, 8 for digits]")
+    exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset [the exporter's]")
+
+    rep = sub.add_parser(
+        "report", help="write a self-contained HTML report of a run folder"
+    )
+    rep.add_argument("run_dir", help="run folder written by `idml train`")
+    rep.add_argument("--out", metavar="FILE", help="HTML file to write [RUN_DIR/report.html]")
+    rep.add_argument("--device", default="cpu",
+                     help="device for recomputing the embeddings: cpu, auto, cuda, ... [cpu]")
+    rep.add_argument("--examples", type=int, default=8, metavar="N",
+                     help="retrieval examples and most/least uncertain thumbnails shown [8]")
+    _add_retrieval_parsers(sub)
     return parser
 
 
@@ -124,11 +147,144 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from idml.export import (
+        MissingDependency,
+        default_image_size,
+        example_input,
+        export_model,
+        max_difference,
+        model_from_checkpoint,
+    )
+
+    model, cfg = model_from_checkpoint(args.checkpoint)
+    size = args.image_size or default_image_size(model, cfg)
+    path = export_model(model, args.out, args.format, image_size=size, opset=args.opset)
+    channels = model.input_spec["input_size"][0]
+    print(f"wrote {path} ({args.format}): input [batch, {channels}, {size}, {size}] "
+          "-> (semantic, uncertainty)")
+    try:
+        diff = max_difference(model, path, args.format, example_input(model, size, 3, seed=1))
+        print(f"largest difference from PyTorch on 3 random inputs: {diff:.3g}")
+    except MissingDependency as exc:  # no onnxruntime: the export stands, unchecked
+        print(f"not checked against PyTorch: {exc}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from idml.report import write_report
+
+    path = write_report(args.run_dir, args.out, device=args.device, examples=args.examples)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_retrieval_parsers(sub: Any) -> None:
+    """``idml embed``, ``idml index`` and ``idml search``."""
+    emb = sub.add_parser("embed", help="embed images with a trained checkpoint into an .npz file")
+    emb.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
+    emb.add_argument("source", nargs="?",
+                     help="folder of images (recursive; class subfolders give the labels) or a "
+                          "CSV manifest path,label")
+    emb.add_argument("--split", choices=["train", "test", "query", "gallery"],
+                     help="embed this split of the checkpoint's own data set instead of SOURCE")
+    emb.add_argument("--out", required=True, metavar="FILE.npz", help="embeddings file to write")
+    emb.add_argument("--batch-size", type=int, metavar="N", help="[the run's eval batch size]")
+    emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    idx = sub.add_parser("index", help="build a faiss index over an embeddings file")
+    idx.add_argument("embeddings", help=".npz written by `idml embed`")
+    idx.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write")
+    idx.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact",
+                     help="exact (flat), ivf (k-means cells) or hnsw (graph) [exact]")
+    idx.add_argument("--nlist", type=int, metavar="N", help="ivf: cells [about 4 sqrt(N)]")
+    idx.add_argument("--nprobe", type=int, metavar="N",
+                     help="ivf: cells searched per query [nlist/4, at least 8]")
+    idx.add_argument("--hnsw-m", type=int, metavar="M", help="hnsw: links per node [32]")
+    idx.add_argument("--ef-search", type=int, metavar="N", help="hnsw: search beam width [128]")
+
+    sea = sub.add_parser("search", help="search an index with query images")
+    sea.add_argument("index", help="folder written by `idml index`")
+    sea.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders")
+    sea.add_argument("--checkpoint", required=True,
+                     help="the checkpoint that embedded the indexed images")
+    sea.add_argument("-k", type=int, default=10, help="results per query [10]")
+    sea.add_argument("--rerank", choices=["none", "introspective"], default="none",
+                     help="introspective: re-order a faiss shortlist by the ISM [none]")
+    sea.add_argument("--shortlist", type=int, default=100, metavar="N",
+                     help="candidates re-ranked with --rerank introspective [100]")
+    sea.add_argument("--json", action="store_true", help="print the results as JSON")
+    sea.add_argument("--batch-size", type=int, metavar="N", help="[the run's eval batch size]")
+    sea.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from idml.inference import embed_source, embed_split, load, read_source, save_embeddings
+
+    if (args.source is None) == (args.split is None):
+        raise ValueError("give either SOURCE (a folder or CSV manifest) or --split, not both")
+    embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    if args.split is not None:
+        emb = embed_split(embedder, args.split)
+    else:
+        emb = embed_source(embedder, read_source(args.source), source=str(args.source))
+    path = save_embeddings(args.out, emb)
+    known = emb.labels[emb.labels >= 0]
+    score = embedder.uncertainty_score(emb.uncertainty)
+    print(f"embedded {len(emb)} images ({len(set(known.tolist()))} classes, "
+          f"{len(emb) - len(known)} unlabelled) with model {embedder.fingerprint} -> {path}: "
+          f"semantic {embedder.semantic_dim}-d, uncertainty {embedder.uncertainty_dim}-d, "
+          f"mean ||u||^2 {float(score.mean()) if len(score) else float('nan'):.4g}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from idml.inference import load_embeddings
+    from idml.retrieval import build_index, save_index
+
+    ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
+    if args.kind != "ivf" and any(v is not None for v in ivf):
+        raise ValueError("--nlist/--nprobe apply to --kind ivf only")
+    if args.kind != "hnsw" and any(v is not None for v in hnsw):
+        raise ValueError("--hnsw-m/--ef-search apply to --kind hnsw only")
+    options: dict[str, Any] = {"nlist": args.nlist, "nprobe": args.nprobe}
+    if args.hnsw_m is not None:
+        options["hnsw_m"] = args.hnsw_m
+    if args.ef_search is not None:
+        options["ef_search"] = args.ef_search
+    index = build_index(load_embeddings(args.embeddings), args.kind, **options)
+    folder = save_index(index, args.out)
+    params = ", ".join(f"{k}={v}" for k, v in index.params.items())
+    print(f"indexed {len(index)} embeddings ({index.semantic_dim}-d, model "
+          f"{index.fingerprint}) as {index.kind}{f' ({params})' if params else ''} -> {folder}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from idml.inference import load
+    from idml.retrieval import format_results, load_index, search_images
+
+    index = load_index(args.index)
+    embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    result = search_images(index, embedder, args.queries, args.k,
+                           rerank=None if args.rerank == "none" else args.rerank,
+                           shortlist=args.shortlist)
+    if args.json:
+        out = {"index": args.index, "checkpoint": args.checkpoint,
+               "fingerprint": embedder.fingerprint, **result.to_dict()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_results(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``idml`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        command = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+        command = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search,
+                   "train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
+                   "export": _cmd_export, "report": _cmd_report}[args.command]
         return command(args)
     except (ValueError, OSError) as exc:  # our errors name the file, flag or field
         print(f"idml {args.command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,612 @@
+"""A self-contained HTML report of a run folder (``idml report RUN_DIR``).
+
+Three steps, each a function: :func:`collect_report_data` reads the run folder, rebuilds the
+model and the test split from ``checkpoint.pt`` (``pretrained="none"``: every weight comes from
+the checkpoint) and recomputes the test embeddings, the risk-coverage curves and the
+retrieval examples; :func:`render_figures` draws the plots with matplotlib (Agg, no pyplot
+state); :func:`build_html` assembles one HTML file. Every image and plot is inlined as a
+``data:`` URI and the page loads nothing from anywhere (its Content-Security-Policy forbids
+it), so the file can be mailed or archived as is.
+
+The page carries a small inline script that, once loaded, records on ``<body>`` how many
+images it holds and how many failed to decode (``data-images-total``,
+``data-images-failed``); the browser test reads them back.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch.utils.data import Dataset
+
+REQUIRED_FILES = ("config.yaml", "checkpoint.pt", "metrics.json", "history.json")
+#: Results shown per retrieval example.
+TOP_K = 5
+#: Longest side of a thumbnail in pixels; smaller images are upscaled (nearest) to MIN_THUMB.
+MAX_THUMB = 112
+MIN_THUMB = 64
+METRIC_NAMES = {
+    "recall@1": "Recall@1", "recall@2": "Recall@2", "recall@4": "Recall@4",
+    "recall@8": "Recall@8", "r_precision": "R-Precision", "map@r": "MAP@R", "nmi": "NMI",
+    "f1": "F1",
+}
+CURVE_NAMES = {
+    "uncertainty": "uncertainty (-||u||²)",
+    "semantic_gap": "semantic gap (cos₁ - cos₂)",
+    "random": "random order (expected)",
+}
+
+
+class ReportError(ValueError):
+    """A run folder that cannot be reported on; the message names what is wrong."""
+
+
+@dataclass
+class RetrievalExample:
+    """One query and its ``TOP_K`` nearest neighbours (indices into the reference set)."""
+
+    query: int
+    query_label: int
+    score: float
+    neighbours: list[int]
+    labels: list[int]
+    similarities: list[float]
+
+    @property
+    def right(self) -> list[bool]:
+        """Whether each neighbour has the query's label."""
+        return [lab == self.query_label for lab in self.labels]
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, computed from one run folder."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    query_labels: np.ndarray
+    scores: np.ndarray  # ||u||^2 of every query
+    correct: np.ndarray  # nearest neighbour has the query's label
+    curves: dict[str, dict[str, Any]]  # name -> idml.uncertainty.risk_coverage output
+    most_uncertain: list[int]
+    least_uncertain: list[int]
+    examples: list[RetrievalExample]
+    query_thumbs: dict[int, Image.Image] = field(default_factory=dict)
+    reference_thumbs: dict[int, Image.Image] = field(default_factory=dict)
+    leave_one_out: bool = True
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if it holds a finished run; else a :class:`ReportError`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a run folder: no such folder")
+    missing = [name for name in REQUIRED_FILES if not (run_dir / name).is_file()]
+    if missing:
+        hint = " (the run has not finished: resume it with idml train --resume)" \
+            if (run_dir / "last.pt").is_file() else ""
+        raise ReportError(
+            f"{run_dir} is not a finished run folder: missing {', '.join(missing)}{hint}"
+        )
+    return run_dir
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from exc
+
+
+def _thumbnail(dataset: Dataset, i: int, spec: dict[str, Any]) -> Image.Image:
+    """Image ``i`` of ``dataset`` as a small PIL image, from the rawest source available.
+
+    Image files (``records.paths``) and decoded caches (``cache``) are shown as stored; tensor
+    data sets (the embedded digits) are un-normalised with the model's ``spec``.
+    """
+    records = getattr(dataset, "records", None)
+    cache = getattr(dataset, "cache", None)
+    if records is not None:
+        from idml.images import load_rgb
+
+        img = load_rgb(records.paths[i])
+    elif cache is not None and hasattr(cache, "shapes"):
+        arr = cache[i].numpy().transpose(1, 2, 0)
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    else:
+        x = dataset[i][0].detach().float().cpu()
+        mean = torch.tensor(spec["mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(spec["std"], dtype=torch.float32).view(-1, 1, 1)
+        x = (x * std + mean).clamp(0, 1)
+        arr = (x * 255).round().to(torch.uint8).numpy().transpose(1, 2, 0)
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    side = max(img.size)
+    if side > MAX_THUMB:
+        img = img.copy()
+        img.thumbnail((MAX_THUMB, MAX_THUMB))
+    elif side < MIN_THUMB:
+        factor = math.ceil(MIN_THUMB / side)
+        img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
+    return img
+
+
+def pick_examples(scores: np.ndarray, correct: np.ndarray, count: int) -> list[int]:
+    """``count`` queries to show: failures and a spread over the uncertainty ranking.
+
+    Up to half are the most uncertain queries whose nearest neighbour is wrong (failures are
+    what a reader wants to see, and rare); the rest are spread evenly over the ranking of the
+    remaining queries. Returned most uncertain first.
+    """
+    order = np.argsort(-scores, kind="stable")
+    count = min(count, len(order))
+    if count <= 0:
+        return []
+    failures = [int(i) for i in order if not correct[i]][: count // 2]
+    shown = set(failures)
+    rest = np.array([i for i in order if int(i) not in shown])
+    spread = []
+    if count > len(failures) and len(rest):
+        ranks = np.unique(np.linspace(0, len(rest) - 1, count - len(failures)).round())
+        spread = [int(rest[int(r)]) for r in ranks]
+    rank_of = {int(i): r for r, i in enumerate(order)}
+    return sorted({*failures, *spread}, key=rank_of.__getitem__)
+
+
+def collect_report_data(
+    run_dir: str | Path,
+    device: str = "cpu",
+    examples: int = 8,
+    log: Callable[[str], None] | None = None,
+) -> ReportData:
+    """Read a run folder and recompute what the report shows (test embeddings etc.).
+
+    ``examples``: number of retrieval examples and of most / least uncertain thumbnails.
+    """
+    from idml.checkpoint import load_checkpoint
+    from idml.config import config_from_dict
+    from idml.train import build, compute_embeddings, select_device
+    from idml.uncertainty import (
+        query_correct,
+        risk_coverage,
+        semantic_confidence,
+        uncertainty_score,
+    )
+
+    if examples < 1:
+        raise ReportError(f"--examples must be at least 1, got {examples}")
+    run_dir = check_run_dir(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    history = _read_json(run_dir / "history.json")
+    if not isinstance(metrics, dict) or "final" not in metrics:
+        raise ReportError(f"{run_dir / 'metrics.json'} has no 'final' metrics")
+    if not isinstance(history, list):
+        raise ReportError(f"{run_dir / 'history.json'} is not a list of epochs")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = config_from_dict(dict(ckpt["config"]), source=str(run_dir / "checkpoint.pt"))
+    dev = select_device(device)
+    model, splits = build(dataclasses.replace(cfg, pretrained="none"), dev,
+                          log or (lambda _msg: None))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ReportError(f"{run_dir / 'checkpoint.pt'}: weights do not fit the configured "
+                          f"model: {exc}") from exc
+
+    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_embeddings(model, data, cfg.eval_batch_size, dev, cfg.precision,
+                                  cfg.num_workers)
+
+    queries = splits.test if splits.test is not None else splits.query
+    reference = splits.gallery if splits.test is None else None
+    if queries is None:
+        raise ReportError(f"{run_dir}: the data set has no test or query split")
+    sem, unc, labels = embed(queries)
+    if reference is not None:
+        gsem, _, glabels = embed(reference)
+        correct = query_correct(sem, labels, gallery=gsem, gallery_labels=glabels)
+        gap = semantic_confidence(sem, gallery=gsem)
+    else:
+        gsem, glabels = sem, labels
+        correct = query_correct(sem, labels)
+        gap = semantic_confidence(sem)
+    scores = uncertainty_score(unc).numpy().astype(np.float64)
+    correct_np = correct.cpu().numpy().astype(bool)
+    curves = {
+        "uncertainty": risk_coverage(-scores, correct_np),
+        "semantic_gap": risk_coverage(gap.cpu().numpy(), correct_np),
+        # all-equal confidence = the average over every random order (ties are averaged)
+        "random": risk_coverage(np.zeros(len(scores)), correct_np),
+    }
+    order = np.argsort(-scores, kind="stable")
+    count = min(examples, len(order))
+    most = [int(i) for i in order[:count]]
+    least = [int(i) for i in order[::-1][:count]]
+
+    chosen = pick_examples(scores, correct_np, examples)
+    found = _neighbours(sem, labels, gsem, glabels, chosen, scores, reference is None)
+
+    spec = model.input_spec
+    query_thumbs = {i: _thumbnail(queries, i, spec) for i in {*most, *least, *chosen}}
+    ref_set = queries if reference is None else reference
+    reference_thumbs: dict[int, Image.Image] = {}
+    for j in sorted({j for ex in found for j in ex.neighbours}):
+        if reference is None and j in query_thumbs:
+            reference_thumbs[j] = query_thumbs[j]
+        else:
+            reference_thumbs[j] = _thumbnail(ref_set, j, spec)
+    return ReportData(
+        run_dir=run_dir, config=dict(ckpt["config"]), metrics=metrics, history=history,
+        query_labels=labels.cpu().numpy(), scores=scores, correct=correct_np, curves=curves,
+        most_uncertain=most, least_uncertain=least, examples=found,
+        query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
+        leave_one_out=reference is None,
+    )
+
+
+def _neighbours(
+    sem: torch.Tensor,
+    labels: torch.Tensor,
+    ref: torch.Tensor,
+    ref_labels: torch.Tensor,
+    chosen: Sequence[int],
+    scores: np.ndarray,
+    leave_one_out: bool,
+) -> list[RetrievalExample]:
+    """Top-``TOP_K`` neighbours (cosine) of the ``chosen`` queries in ``ref``.
+
+    Leave-one-out (``ref`` is the query set): the query itself is removed by index, as in
+    the evaluation.
+    """
+    from idml.evaluate import knn
+
+    if not chosen:
+        return []
+    k = min(TOP_K, len(ref) - (1 if leave_one_out else 0))
+    q = F.normalize(sem[list(chosen)].float(), dim=1)
+    r = F.normalize(ref.float(), dim=1)
+    sims, idx = knn(q, r, min(k + int(leave_one_out), len(ref)), exclude_self=False)
+    found = []
+    for row, qi in enumerate(chosen):
+        pairs = [(int(j), float(s)) for j, s in zip(idx[row].tolist(), sims[row].tolist(),
+                                                    strict=True)
+                 if not (leave_one_out and j == qi)][:k]
+        found.append(RetrievalExample(
+            query=int(qi), query_label=int(labels[qi]), score=float(scores[qi]),
+            neighbours=[j for j, _ in pairs], labels=[int(ref_labels[j]) for j, _ in pairs],
+            similarities=[s for _, s in pairs],
+        ))
+    return found
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def figure_data_uri(fig: Any) -> str:
+    """A matplotlib figure as a ``data:image/png;base64,...`` URI."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_data_uri(img: Image.Image) -> str:
+    """A PIL image as a PNG ``data:`` URI."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plot_training(history: list[dict[str, Any]]) -> str | None:
+    """Loss, images/s and (if recorded) validation Recall@1 per epoch; None without epochs."""
+    if not history:
+        return None
+    epochs = [h.get("epoch", n + 1) for n, h in enumerate(history)]
+    panels: list[tuple[str, list[float]]] = [
+        (title, [float(h[key]) for h in history])
+        for key, title in (("loss", "training loss"), ("images_per_s", "images / s"))
+        if all(isinstance(h.get(key), (int, float)) for h in history)
+    ]
+    if all(isinstance(h.get("val"), dict) and "recall@1" in h["val"] for h in history):
+        panels.append(("validation Recall@1 (%)",
+                       [100 * h["val"]["recall@1"] for h in history]))
+    if not panels:
+        return None
+    fig = _figure(3.6 * len(panels), 3.0)
+    for ax, (title, values) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels,
+                                   strict=True):
+        ax.plot(epochs, values, marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return figure_data_uri(fig)
+
+
+def plot_risk_coverage(curves: dict[str, dict[str, Any]]) -> str:
+    """Risk (1 - Recall@1 of the kept queries) against coverage, one line per confidence."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    styles = {"uncertainty": "-", "semantic_gap": "--", "random": ":"}
+    for name, curve in curves.items():
+        ax.plot(curve["coverage"], curve["risk"], styles.get(name, "-"),
+                label=f"{CURVE_NAMES.get(name, name)}  AURC {curve['aurc']:.4f}")
+    ax.set_xlabel("coverage (fraction of queries kept, most confident first)")
+    ax.set_ylabel("risk = 1 - Recall@1")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return figure_data_uri(fig)
+
+
+def plot_uncertainty_histogram(scores: np.ndarray, correct: np.ndarray) -> str:
+    """Normalised histograms of ``||u||^2``: queries whose nearest neighbour is right / wrong."""
+    fig = _figure(6.0, 3.5)
+    ax = fig.subplots()
+    bins = np.histogram_bin_edges(scores, bins=30)
+    # Densities: failures are rare, their counts would vanish next to the successes.
+    for mask, name in ((correct, "right"), (~correct, "wrong")):
+        if mask.any():
+            ax.hist(scores[mask], bins=bins, alpha=0.6, density=True,
+                    label=f"{name} ({int(mask.sum())})")
+    ax.set_xlabel("uncertainty ||u||²")
+    ax.set_ylabel("density")
+    ax.grid(alpha=0.3)
+    ax.legend(title="nearest neighbour")
+    return figure_data_uri(fig)
+
+
+def render_figures(data: ReportData) -> dict[str, str | None]:
+    """Every plot of the report as a ``data:`` URI (``training`` is None without epochs)."""
+    return {
+        "training": plot_training(data.history),
+        "risk_coverage": plot_risk_coverage(data.curves),
+        "histogram": plot_uncertainty_histogram(data.scores, data.correct),
+    }
+
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .7em;border:1px solid #ddd}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.plot{max-width:100%}
+.grid{display:flex;flex-wrap:wrap;gap:.6em}
+figure{margin:0;text-align:center;font-size:.75em}
+figure img{display:block;margin:0 auto;image-rendering:pixelated;border:3px solid #ccc}
+.example{display:flex;gap:.6em;align-items:flex-end;margin:.6em 0;padding:.4em;
+ border-bottom:1px solid #eee}
+.query img{border-color:#357}
+.right img{border-color:#2a2}.wrong img{border-color:#d22}
+.mark{font-weight:bold}.right .mark{color:#2a2}.wrong .mark{color:#d22}
+.note{color:#666;font-size:.9em}
+"""
+
+# Self-check for the browser test: images that did not decode are counted after `load`.
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = document.images, failed = 0;
+  for (var i = 0; i < images.length; i++) {
+    if (!images[i].complete || images[i].naturalWidth === 0) { failed++; }
+  }
+  document.body.setAttribute("data-images-total", String(images.length));
+  document.body.setAttribute("data-images-failed", String(failed));
+});
+"""
+
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or value != value else \
+        f"{100 * value:.2f}"
+
+
+def _num(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or value != value else f"{value:.4f}"
+
+
+def _value_attr(value: Any) -> str:
+    """The exact value for machine reading (``repr`` of the float; ``null`` when missing)."""
+    return "null" if value is None else _e(repr(float(value)))
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Initial vs final test metrics (percent), one row per metric."""
+    columns = [c for c in ("initial", "final") if isinstance(metrics.get(c), dict)]
+    names = list(metrics["final"])
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    rows = []
+    for name in names:
+        cells = []
+        for c in columns:
+            value = metrics[c].get(name)
+            cells.append(f'<td class="num" data-metric="{_e(name)}" data-column="{_e(c)}" '
+                         f'data-value="{_value_attr(value)}">{_pct(value)}</td>')
+        rows.append(f"<tr><th>{_e(METRIC_NAMES.get(name, name))}</th>{''.join(cells)}</tr>")
+    return (f'<table id="metrics-table"><tr><th>metric (%)</th>{head}</tr>'
+            f"{''.join(rows)}</table>")
+
+
+def uncertainty_table(uncertainty: dict[str, Any]) -> str:
+    """The risk-coverage rows recorded in ``metrics.json`` (AURC etc. per confidence)."""
+    report = uncertainty.get("risk_coverage") or {}
+    if not report:
+        return ""
+    columns = list(next(iter(report.values())))
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    rows = []
+    for name, row in report.items():
+        cells = "".join(
+            f'<td class="num" data-row="{_e(name)}" data-key="{_e(c)}" '
+            f'data-value="{_value_attr(row.get(c))}">{_num(row.get(c))}</td>' for c in columns
+        )
+        label = "random order" if name == "random" else CURVE_NAMES.get(name, name)
+        rows.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
+    summary = ", ".join(
+        f"{label} {_num(uncertainty.get(key))}" for key, label in (
+            ("mean", "mean ||u||² on test"), ("correct_mean", "right queries"),
+            ("wrong_mean", "wrong queries"), ("mixup_auroc", "mixup ambiguity AUROC"))
+        if key in uncertainty
+    )
+    return (f'<table id="uncertainty-table"><tr><th>confidence</th>{head}</tr>'
+            f"{''.join(rows)}</table><p class=\"note\">{_e(summary)}</p>")
+
+
+def _img(uri: str, alt: str, css: str = "") -> str:
+    cls = f' class="{css}"' if css else ""
+    return f'<img{cls} src="{uri}" alt="{_e(alt)}">'
+
+
+def _thumb_uris(data: ReportData) -> tuple[dict[int, str], dict[int, str]]:
+    q = {i: image_data_uri(img) for i, img in data.query_thumbs.items()}
+    r = {j: q[j] if data.leave_one_out and j in q else image_data_uri(img)
+         for j, img in data.reference_thumbs.items()}
+    return q, r
+
+
+def thumbnails_section(data: ReportData, uris: dict[int, str]) -> str:
+    """Most and least uncertain test images with their ``||u||^2`` and label."""
+    parts = []
+    for kind, title, indices in (
+        ("most", "Most uncertain", data.most_uncertain),
+        ("least", "Least uncertain", data.least_uncertain),
+    ):
+        figs = []
+        for i in indices:
+            label, score = int(data.query_labels[i]), float(data.scores[i])
+            nn = "right" if data.correct[i] else "wrong"
+            figs.append(
+                f'<figure class="thumb {nn}" data-kind="{kind}" data-index="{i}" '
+                f'data-label="{label}" data-score="{_e(repr(score))}">'
+                f'{_img(uris[i], f"test image {i}, label {label}")}'
+                f"<figcaption>#{i} label {label}<br>||u||² {score:.4g}<br>"
+                f'<span class="mark">NN {nn}</span></figcaption></figure>'
+            )
+        parts.append(f'<h3>{_e(title)}</h3><div class="grid" id="{kind}-uncertain">'
+                     f"{''.join(figs)}</div>")
+    return "".join(parts)
+
+
+def examples_section(data: ReportData, q_uris: dict[int, str], r_uris: dict[int, str]) -> str:
+    """Queries with their top results, each marked right (same label) or wrong."""
+    rows = []
+    where = "test images (leave-one-out)" if data.leave_one_out else "gallery"
+    for ex in data.examples:
+        figs = [
+            f'<figure class="query" data-index="{ex.query}" data-label="{ex.query_label}">'
+            f'{_img(q_uris[ex.query], f"query {ex.query}, label {ex.query_label}")}'
+            f"<figcaption>query #{ex.query}<br>label {ex.query_label}<br>"
+            f"||u||² {ex.score:.4g}</figcaption></figure>"
+        ]
+        for rank, (j, lab, sim, ok) in enumerate(
+            zip(ex.neighbours, ex.labels, ex.similarities, ex.right, strict=True), 1
+        ):
+            mark = "right" if ok else "wrong"
+            symbol = "✓" if ok else "✗"
+            figs.append(
+                f'<figure class="result {mark}" data-rank="{rank}" data-index="{j}" '
+                f'data-label="{lab}" data-right="{int(ok)}">'
+                f'{_img(r_uris[j], f"result {rank}: image {j}, label {lab}, {mark}")}'
+                f'<figcaption><span class="mark">{symbol} {mark}</span><br>#{j} label {lab}'
+                f"<br>cos {sim:.3f}</figcaption></figure>"
+            )
+        rows.append(f'<div class="example" data-query="{ex.query}">{"".join(figs)}</div>')
+    return (f'<p class="note">Queries ordered most uncertain first: up to half are failures '
+            f"(nearest neighbour of another label), the rest spread evenly over the "
+            f"uncertainty ranking; results are the nearest {_e(where)} by cosine similarity of "
+            f"the semantic embedding.</p>{''.join(rows)}")
+
+
+def build_html(data: ReportData, figures: dict[str, str | None]) -> str:
+    """The whole report as one HTML document (every resource inline)."""
+    cfg = data.config
+    title = f"idml report: {data.run_dir.name}"
+    q_uris, r_uris = _thumb_uris(data)
+    n = len(data.scores)
+    acc = float(data.correct.mean()) if n else float("nan")
+    summary = (f"{cfg.get('dataset')} / {cfg.get('backbone')} / {cfg.get('metric')} metric / "
+               f"{cfg.get('loss')} loss, {cfg.get('epochs')} epoch(s), seed {cfg.get('seed')}")
+    training = (_img(figures["training"], "training curves", "plot")
+                if figures.get("training") else '<p class="note">no epochs recorded</p>')
+    config_yaml = yaml.safe_dump(cfg, sort_keys=False)
+    body = f"""
+<h1>{_e(title)}</h1>
+<p>{_e(summary)}<br><span class="note">run folder {_e(data.run_dir)}</span></p>
+<h2 id="metrics">Test metrics</h2>
+{metrics_table(data.metrics)}
+<h2 id="training">Training</h2>
+{training}
+<h2 id="risk-coverage">Risk-coverage</h2>
+<p class="note">{n} test queries ranked by confidence; recomputed from the checkpoint:
+Recall@1 of all queries {_e(_pct(acc))} %. Lower curves and AURC are better.</p>
+{_img(figures["risk_coverage"], "risk-coverage curves", "plot")}
+{uncertainty_table(data.metrics.get("uncertainty") or {})}
+<h2 id="uncertainty">Uncertainty of the test images</h2>
+{_img(figures["histogram"], "histogram of the uncertainty", "plot")}
+{thumbnails_section(data, q_uris)}
+<h2 id="examples">Retrieval examples</h2>
+{examples_section(data, q_uris, r_uris)}
+<h2 id="config">Configuration</h2>
+<details><summary>config.yaml</summary><pre>{_e(config_yaml)}</pre></details>
+"""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+{body}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def write_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    examples: int = 8,
+) -> Path:
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``)."""
+    data = collect_report_data(run_dir, device=device, examples=examples)
+    page = build_html(data, render_figures(data))
+    path = Path(out) if out is not None else data.run_dir / "report.html"
+    if path.is_dir():
+        raise ReportError(f"cannot write {path}: it is a folder; give a file name")
+    path.write_text(page, encoding="utf-8")
+    return path
