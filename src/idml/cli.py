@@ -22,7 +22,8 @@ _HELP: dict[str, str] = {
     "out": "run folder (default: runs/<time>-<dataset>-<metric>)",
     "pretrained": "none, timm (needs network), package (efficientnet_lite0), or a weights file",
     "val_fraction": "fraction of training classes held out to pick the best epoch (0: last)",
-    "device": "auto, cpu, cuda, cuda:N or mps",
+    "device": "auto, cpu, cuda, cuda:N or mps (under torchrun: auto/cuda -> cuda:LOCAL_RANK)",
+    "batch_size": "the global batch, split over torchrun processes",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -29,6 +30,7 @@ from idml.data import (
     load_image_splits,
     random_affine,
 )
+from idml.distributed import Distributed, process_group
 from idml.evaluate import query_gallery_metrics, retrieval_metrics
 from idml.images import make_train_loader
 from idml.losses import build_loss, mixup_batch, mixup_loss
@@ -346,9 +348,14 @@ def _numpy_state_in(state: tuple) -> tuple:
     return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
 
 
+def _index_sampler(loader: DataLoader) -> Any:
+    """The sampler that draws the (global) index order of a training loader."""
+    return getattr(loader.batch_sampler, "sampler", loader.sampler)
+
+
 def _rng_state(loader: DataLoader, generators: list[torch.Generator]) -> dict[str, Any]:
     """Every random state a run draws from, in types ``weights_only`` loading accepts."""
-    sampler_rng = getattr(loader.sampler, "rng", None)
+    sampler_rng = getattr(_index_sampler(loader), "rng", None)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state_out(np.random.get_state()),  # noqa: NPY002 -- legacy state
@@ -374,7 +381,7 @@ def _set_rng_state(state: dict[str, Any], loader: DataLoader,
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "sampler" in state:
-        loader.sampler.rng.set_state(_numpy_state_in(state["sampler"]))  # type: ignore[attr-defined]
+        _index_sampler(loader).rng.set_state(_numpy_state_in(state["sampler"]))
 
 
 def resume_config(run_dir: str | Path) -> RunConfig:
@@ -396,16 +403,77 @@ def resume_config(run_dir: str | Path) -> RunConfig:
 RESUME_FILE = "last.pt"
 
 
+def _quiet(message: str) -> None:
+    """The log of processes other than 0."""
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def _process_seeds(cfg: RunConfig, rank: int, salt: int = 0) -> tuple[int, int]:
+    """Seeds of the global RNGs and of the augmentation generator of process ``rank``.
+
+    Process 0 keeps the single-process seeds (``cfg.seed``, ``cfg.seed + 2``); the others get
+    their own, far apart, so their random augmentations differ.
+    """
+    if rank == 0 and salt == 0:
+        return cfg.seed, cfg.seed + 2
+    return cfg.seed + 1_000_003 * rank + salt, cfg.seed + 2 + 1_000_033 * rank + salt
+
+
+def _restore_rng(
+    saved: dict[str, Any],
+    ctx: Distributed,
+    cfg: RunConfig,
+    loader: DataLoader,
+    generators: list[torch.Generator],
+    log: Callable[[str], None],
+) -> None:
+    """Every random state of a saved run; per-process ones where it had as many processes."""
+    saved_world = saved.get("world_size", 1)
+    if ctx.enabled and saved_world == ctx.world_size:
+        _set_rng_state(saved["rank_rng"][ctx.rank], loader, generators)
+        return
+    # The sampler, loader and mixup states are the same on every process: take process 0's.
+    _set_rng_state(saved["rng"], loader, generators)
+    if saved_world != ctx.world_size:
+        log(f"resuming with {ctx.world_size} process(es) a run saved with {saved_world}: the "
+            "same global batches follow; per-process augmentation streams restart")
+        if ctx.rank > 0:
+            seed, aug_seed = _process_seeds(cfg, ctx.rank, salt=7919 * saved["epoch"])
+            seed_everything(seed)
+            generators[1].manual_seed(aug_seed)
+
+
 def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
     """Train, evaluate before and after, and write the run folder. Returns the metrics.
 
     ``resume``: the folder of an interrupted run (killed at any point); training continues
     from its last completed epoch with every random state restored, so on the CPU the result
     equals that of an uninterrupted run.
+
+    Under ``torchrun`` (or in an initialised process group) the processes train one model
+    data-parallel (see :mod:`idml.distributed`): ``cfg.batch_size`` is the global batch,
+    process 0 alone evaluates, logs and writes the run folder, and every process returns
+    the same result.
     """
     cfg.validate()
-    device = select_device(cfg.device)
+    ctx = Distributed.from_env()
+    device = ctx.select_device(cfg.device) if ctx.enabled else select_device(cfg.device)
     build_loss_for(cfg, num_classes=2)  # a bad loss/metric/mode fails before any work
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must be "
+                         f"divisible by the number of processes ({ctx.world_size})")
+    with process_group(ctx, device):
+        return _train(cfg, resume, ctx, device)
+
+
+def _train(
+    cfg: RunConfig, resume: str | Path | None, ctx: Distributed, device: torch.device
+) -> TrainResult:
     seed_everything(cfg.seed)
     if resume is not None:
         from idml.checkpoint import load_checkpoint
@@ -413,25 +481,34 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         run_dir = Path(resume)
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         saved = load_checkpoint(run_dir / RESUME_FILE, map_location="cpu")
-        log = RunLog(run_dir / "train.log")
-        model, splits = build(cfg, device, log)
+        log: Callable[[str], None] = RunLog(run_dir / "train.log") if ctx.is_main else _quiet
+        model, splits = ctx.main_first(lambda: build(cfg, device, log))
     else:
         saved = None
-        run_dir = make_run_dir(cfg)
-        log = RunLog(run_dir / "train.log")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
-        try:
-            model, splits = build(cfg, device, log)
+        run_dir = ctx.on_main(lambda: _new_run_dir(cfg))
+        log = RunLog(run_dir / "train.log") if ctx.is_main else _quiet
+        try:  # process 0 first: it downloads weights and fills the image cache once
+            model, splits = ctx.main_first(lambda: build(cfg, device, log))
         except BaseException:
             # Nothing was trained: leave no half-made run folder that blocks the same --out.
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if ctx.is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
+    if ctx.rank > 0:
+        seed_everything(_process_seeds(cfg, ctx.rank)[0])
     loss_fn = build_loss_for(cfg, splits.num_train_classes).to(device)
     sizes = ", ".join(f"{len(d)} {name}" for name, d in (
         ("test", splits.test), ("val", splits.val), ("query", splits.query),
         ("gallery", splits.gallery)) if d is not None)
+    procs = ""
+    if ctx.enabled:
+        procs = (f" | {ctx.world_size} processes ({dist.get_backend()}), "
+                 f"{cfg.batch_size // ctx.world_size} images of each batch per process")
+        if device.type == "cuda" and not cfg.freeze_bn:  # one set of batch statistics
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ctx.broadcast_state(model, loss_fn)  # identical start, whatever each process drew
     log(f"run folder {run_dir} | device {device} | {len(splits.train)} train images in "
-        f"{splits.num_train_classes} classes; {sizes} images")
+        f"{splits.num_train_classes} classes; {sizes} images{procs}")
 
     backbone_params = model.backbone_parameters()
     proxies = list(loss_fn.proxy_parameters())
@@ -445,12 +522,16 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         ],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        # One fused kernel over all tensors instead of a Python loop over ~300 of them.
+        fused=device.type in ("cpu", "cuda"),
     )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
     # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    # The same mixup draws on every process (one lam per step); own augmentations.
     mixup_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    aug_gen = torch.Generator().manual_seed(_process_seeds(cfg, ctx.rank)[1])
     loader = make_train_loader(
         splits.train,
         labels_of(splits.train).tolist(),
@@ -458,6 +539,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         cfg.m_per_class,
         cfg.seed,
         cfg.num_workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
 
     generators = [mixup_gen, aug_gen]
@@ -465,14 +548,14 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if saved is None:
-        initial, _ = evaluate_model(model, splits, cfg, device)
+        initial = ctx.on_main(lambda: evaluate_model(model, splits, cfg, device)[0])
     else:
         model.load_state_dict(saved["model"])
         loss_fn.load_state_dict(saved["loss"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"], loader, generators)
+        _restore_rng(saved, ctx, cfg, loader, generators, log)
         initial, history, start_epoch = saved["initial"], saved["history"], saved["epoch"]
         if saved["best"] is not None:
             best = (saved["best"]["score"], saved["best"]["state"])
@@ -482,16 +565,20 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
         _set_requires_grad(backbone_params, not warm)  # warm-up: heads + proxies only
         model.train()
         total, seen, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and ctx.is_main), leave=False)
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if cfg.augment and splits.in_memory:  # image data sets augment per image
                 images = random_affine(images, aug_gen)
+            # Each process embeds its shard; the loss sees the gathered global batch.
+            all_labels = ctx.gather_labels(labels)
             with autocast(device, cfg.precision):
                 if cfg.mixup:
+                    # Partners are drawn within each process's shard (the same lam and
+                    # permutation on every process).
                     mixed, perm, lam = mixup_batch(images, mixup_gen)
                     # One forward for clean + mixed images: half the kernel launches. With
                     # frozen BN this equals two forwards; with trainable BN (the digits CNN)
@@ -499,73 +586,101 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
                     s, u = model(torch.cat([images, mixed]))
                     n = len(images)
                     loss = mixup_loss(
-                        loss_fn, (s[:n], u[:n]), (s[n:], u[n:]), labels, perm, lam
+                        loss_fn,
+                        (ctx.gather(s[:n]), ctx.gather(u[:n])),
+                        (ctx.gather(s[n:]), ctx.gather(u[n:])),
+                        all_labels,
+                        ctx.gather_indices(perm),
+                        lam,
                     )
                 else:
-                    loss = loss_fn(*model(images), labels)
+                    s, u = model(images)
+                    loss = loss_fn(ctx.gather(s), ctx.gather(u), all_labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            ctx.average_gradients(params)
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_value_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
-                )
+                torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            total += loss.detach() * len(labels)
-            seen += len(labels)
-            if cfg.progress:
+            total += loss.detach() * len(all_labels)
+            seen += len(all_labels)
+            if cfg.progress and ctx.is_main:
                 bar.set_postfix(loss=f"{float(total) / seen:.4f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
         scheduler.step()
+        ctx.broadcast_buffers(model, loss_fn)  # trainable BN on CPU: process 0's statistics
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(total) / max(seen, 1),
             "images_per_s": seen / (time.perf_counter() - start),
             "warmup": warm,
         }
-        if splits.val is not None:
-            val_metrics, _ = evaluate_model(model, splits, cfg, device, part="val")
-            record["val"] = val_metrics
-            if best is None or val_metrics["recall@1"] > best[0]:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = (val_metrics["recall@1"], state)
-        history.append(record)
-        extra = f" | val recall@1 {100 * record['val']['recall@1']:.2f}" if "val" in record else ""
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
-            f"{record['images_per_s']:.0f} img/s{' (warm-up)' if warm else ''}{extra}")
-        save_checkpoint(run_dir / RESUME_FILE, {
-            "config": as_dict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
-            "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(loader, generators), "initial": initial, "history": history,
-            "best": None if best is None else {"score": best[0], "state": best[1]},
-        })
+        # Every process's random state (process 0 takes its own again after evaluating).
+        rng = ctx.all_objects(_rng_state(loader, generators))
 
-    if best is not None:  # chosen on the validation classes, never on the test classes
-        model.load_state_dict(best[1])
-    final, unc = evaluate_model(model, splits, cfg, device, ambiguity=True)
-    save_checkpoint(
-        run_dir / "checkpoint.pt",
-        {
-            "config": as_dict(cfg),
-            "model": model.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "metrics": {"final": final},
-        },
-    )
-    (run_dir / "metrics.json").write_text(
-        json.dumps(_json_safe({"initial": initial, "final": final, "uncertainty": unc}), indent=2)
-    )
-    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
-    (run_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
-    log(format_metrics_table({"initial": initial, "final": final}))
-    log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest neighbour "
-        f"is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
-    log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
-        + format_uncertainty_table(unc["risk_coverage"]))
-    log(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} of telling 50/50-blended test "
-        "images from clean ones by ||u||^2 (0.5 = chance)")
+        def end_epoch(epoch: int = epoch, record: dict[str, Any] = record,
+                      rng: list[dict[str, Any]] = rng, warm: bool = warm) -> None:
+            nonlocal best
+            if splits.val is not None:
+                val_metrics, _ = evaluate_model(model, splits, cfg, device, part="val")
+                record["val"] = val_metrics
+                if best is None or val_metrics["recall@1"] > best[0]:
+                    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best = (val_metrics["recall@1"], snapshot)
+            history.append(record)
+            extra = (f" | val recall@1 {100 * record['val']['recall@1']:.2f}"
+                     if "val" in record else "")
+            log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+                f"{record['images_per_s']:.0f} img/s{' (warm-up)' if warm else ''}{extra}")
+            rng[0] = _rng_state(loader, generators)  # after the evaluation, which draws too
+            state: dict[str, Any] = {
+                "config": as_dict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+                "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng[0], "initial": initial, "history": history,
+                "best": None if best is None else {"score": best[0], "state": best[1]},
+            }
+            if ctx.enabled:  # every process's own random state, for an exact resume
+                state.update(world_size=ctx.world_size, rank_rng=rng)
+            save_checkpoint(run_dir / RESUME_FILE, state)
+
+        ctx.on_main(end_epoch)
+
+    if ctx.enabled:
+        diff = ctx.max_parameter_difference([*model.parameters(), *loss_fn.parameters()])
+        log(f"parameters and proxies on the {ctx.world_size} processes: "
+            + ("identical" if diff == 0 else f"differ by up to {diff:.3g}"))
+
+    def finish() -> tuple[dict[str, float], dict[str, Any]]:
+        if best is not None:  # chosen on the validation classes, never on the test classes
+            model.load_state_dict(best[1])
+        final, unc = evaluate_model(model, splits, cfg, device, ambiguity=True)
+        save_checkpoint(
+            run_dir / "checkpoint.pt",
+            {
+                "config": as_dict(cfg),
+                "model": model.state_dict(),
+                "loss": loss_fn.state_dict(),
+                "metrics": {"final": final},
+            },
+        )
+        (run_dir / "metrics.json").write_text(json.dumps(
+            _json_safe({"initial": initial, "final": final, "uncertainty": unc}), indent=2
+        ))
+        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        (run_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+        log(format_metrics_table({"initial": initial, "final": final}))
+        log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest "
+            f"neighbour is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
+        log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
+            + format_uncertainty_table(unc["risk_coverage"]))
+        log(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} of telling 50/50-blended "
+            "test images from clean ones by ||u||^2 (0.5 = chance)")
+        return final, unc
+
+    final, unc = ctx.on_main(finish)
     return TrainResult(run_dir, initial, final, unc)
 
 
