@@ -164,7 +164,10 @@ def main() -> None:
                         help="images per class in a batch (pair losses need positives)")
     parser.add_argument("--results", default="benchmarks/results/losses.jsonl")
     parser.add_argument("--summary", action="store_true", help="only print --results' table")
+    parser.add_argument("--threads", type=int, help="torch threads (1: two sweeps side by side)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = Path(args.results)
     if args.summary:
         rows = [json.loads(line) for line in results.read_text().splitlines() if line]
