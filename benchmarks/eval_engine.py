@@ -9,7 +9,8 @@ engine runs in its own process (so each peak resident memory is its own) on the 
 * NMI: AccuracyCalculator's ``NMI`` vs ``idml.evaluate.cluster_nmi_f1`` (both faiss k-means,
   20 iterations, faiss' seed 1234; ours also returns the pairwise F1).
 
-Prints seconds, the ratio, peak resident memory and the largest metric difference.
+Prints seconds, the ratio, peak resident memory and the largest metric difference, and
+checks each engine's neighbour lists of random queries against a float64 brute force.
 
     python benchmarks/eval_engine.py                 # full size (several minutes on 2 cores)
     python benchmarks/eval_engine.py --n 6000 --classes 1100   # a quick look
@@ -49,10 +50,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def float64_neighbours(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Ground truth for ``rows``: top ``k`` by float64 inner product, self excluded, ties by
+    smaller index (independent of both engines)."""
+    scores = x[rows].double() @ x.double().T
+    scores[torch.arange(len(rows)), rows] = float("-inf")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def check_sample(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, count: int,
+                 seed: int) -> dict[str, float]:
+    k = indices.shape[1]
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 7))[:count]
+    truth = float64_neighbours(x, rows, k)
+    same = (indices[rows] == truth).all(dim=1)
+    same_labels = (y[indices[rows]] == y[truth]).all(dim=1)
+    return {"verify_rows": count, "verify_same": int(same.sum()),
+            "verify_same_labels": int(same_labels.sum())}
+
+
 def worker(args: argparse.Namespace) -> None:
     x, y = make_data(args.n, args.classes, args.dim, args.noise, args.seed)
-    base = peak_rss_mb()
-    out: dict[str, float] = {"rss_after_data_mb": base}
+    out: dict[str, float] = {"rss_before_mb": rss_mb()}
+    k = int(torch.bincount(y).max()) - 1  # AccuracyCalculator's k="max_bin_count", self out
     if args.worker == "pml":
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
@@ -83,6 +109,16 @@ def worker(args: argparse.Namespace) -> None:
             out["nmi"], out["f1"] = cluster_nmi_f1(x, y, seed=FAISS_DEFAULT_SEED)
             out["nmi_s"] = time.perf_counter() - t
     out["peak_rss_mb"] = peak_rss_mb()
+    if args.verify:
+        if args.worker == "pml":
+            from pytorch_metric_learning.utils.inference import FaissKNN
+
+            _, indices = FaissKNN()(x, k, x, ref_includes_query=True)
+        else:
+            from idml.knn import knn
+
+            _, indices = knn(x, x, k, exclude_self=True)
+        out |= check_sample(x, y, indices.cpu(), args.verify, args.seed)
     print(json.dumps(out))
 
 
@@ -103,6 +139,9 @@ def main() -> None:
                         help="within-class spread (noise norm relative to the class centre)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-nmi", action="store_true")
+    parser.add_argument("--verify", type=int, default=2000, metavar="Q",
+                        help="compare each engine's neighbours of Q random queries with a "
+                             "float64 brute force (0: skip)")
     parser.add_argument("--worker", choices=("pml", "idml"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -125,8 +164,15 @@ def main() -> None:
               f"   ratio {pml['nmi_s'] / ours['nmi_s']:.2f}x")
     print(f"{'peak RSS MB (whole process)':28s}{pml['peak_rss_mb']:20.0f}"
           f"{ours['peak_rss_mb']:14.0f}")
-    print(f"{'  of which after data':28s}{pml['rss_after_data_mb']:20.0f}"
-          f"{ours['rss_after_data_mb']:14.0f}")
+    print(f"{'  RSS before evaluating':28s}{pml['rss_before_mb']:20.0f}"
+          f"{ours['rss_before_mb']:14.0f}")
+    print(f"{'  peak during P@1/RP/MAP@R':28s}{pml['rss_ranked_mb']:20.0f}"
+          f"{ours['rss_ranked_mb']:14.0f}")
+    if args.verify:
+        print(f"neighbour lists equal to a float64 brute force on {args.verify} random queries: "
+              f"AccuracyCalculator (faiss) {pml['verify_same']}, idml {ours['verify_same']} "
+              f"(same labels in the same order: {pml['verify_same_labels']}, "
+              f"{ours['verify_same_labels']})")
     print(f"largest metric difference: {max(abs(pml[k] - ours[k]) for k in keys):.3g}")
 
 

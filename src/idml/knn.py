@@ -89,15 +89,16 @@ def _rescore(q: torch.Tensor, reference: torch.Tensor, cand: torch.Tensor, k: in
              needed: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact scores of the candidates ``cand [C, L]`` of queries ``q [C, D]``; the top ``k``.
 
-    ``reference`` is already in the exact dtype. Only the first ``needed[i]`` candidates of
+    Only the first ``needed[i]`` candidates of
     row ``i`` can be in its top ``k`` (the rest are proven out); a block of rows re-scores the
     longest such prefix among its rows.
     """
     sims, idxs = [], []
     for s in range(0, q.shape[0], block):
         c = cand[s : s + block, : max(k, int(needed[s : s + block].max()))]
-        vecs = reference[c.reshape(-1)].view(c.shape[0], c.shape[1], -1)
-        exact = torch.bmm(vecs, q[s : s + block].to(reference.dtype).unsqueeze(2)).squeeze(2)
+        dtype = _exact_dtype(q.device)
+        vecs = reference[c.reshape(-1)].to(dtype).view(c.shape[0], c.shape[1], -1)
+        exact = torch.bmm(vecs, q[s : s + block].to(dtype).unsqueeze(2)).squeeze(2)
         top_s, top_i = _sorted_top(exact, c, k)
         sims.append(top_s)
         idxs.append(top_i)
@@ -106,9 +107,9 @@ def _rescore(q: torch.Tensor, reference: torch.Tensor, cand: torch.Tensor, k: in
 
 def _exact_rows(q: torch.Tensor, reference: torch.Tensor, k: int, self_index: torch.Tensor | None,
                 block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top ``k`` of a few rows against every reference (``reference`` in exact dtype)."""
-    q = q.to(reference.dtype)
-    scores = torch.cat([q @ reference[s : s + block].T
+    """Exact top ``k`` of a few rows against every reference."""
+    q = q.to(_exact_dtype(q.device))
+    scores = torch.cat([q @ reference[s : s + block].to(q.dtype).T
                         for s in range(0, reference.shape[0], block)], dim=1)
     if self_index is not None:
         scores[torch.arange(len(q), device=q.device), self_index] = float("-inf")
@@ -170,6 +171,68 @@ def _bf16_shortlists(query_b: torch.Tensor, ref_b: torch.Tensor, length: int,
     return vals, cand
 
 
+def _bf16_shortlists_self(ref_b: torch.Tensor, length: int,
+                          block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_bf16_shortlists` of a set against itself, self excluded, at half the products.
+
+    The score matrix is symmetric: each ``block x block`` product above the diagonal serves
+    both its rows and, transposed, its columns. A row block's lists start from a ``topk`` of
+    the first block that touches it; later blocks only keep scores at or above each row's
+    threshold, as in :func:`_bf16_shortlists`.
+    """
+    n = ref_b.shape[0]
+    vals = torch.empty(n, length, device=ref_b.device)
+    cand = torch.empty(n, length, dtype=torch.long, device=ref_b.device)
+    blocks = len(range(0, n, block))
+    started = [False] * blocks
+    pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in
+                                                                              range(blocks)]
+
+    def flush(b: int) -> None:
+        rows = slice(b * block, (b + 1) * block)
+        if pending[b]:
+            r, c, v = (torch.cat(parts) for parts in zip(*pending[b], strict=True))
+            order = torch.argsort(r, stable=True)  # _merge_hits wants hits grouped by row
+            vals[rows], cand[rows] = _merge_hits(vals[rows], cand[rows], r[order], c[order],
+                                                 v[order])
+            pending[b] = []
+
+    def fold(scores: torch.Tensor, i0: int, j0: int, transposed: bool) -> None:
+        """Scores of row block ``i0`` x column block ``j0`` into the lists of the rows of
+        ``j0`` (``transposed``) or ``i0``; ``scores`` stays contiguous (a transposed view
+        would make the comparison and ``nonzero`` several times slower)."""
+        first, col0 = (j0, i0) if transposed else (i0, j0)
+        b, width = first // block, scores.shape[1]
+        rows = slice(first, first + (width if transposed else scores.shape[0]))
+        if not started[b]:
+            started[b] = True
+            v, c = torch.topk(scores.T if transposed else scores, length, dim=1)
+            vals[rows], cand[rows] = v.float(), c + col0
+            return
+        tau = vals[rows, -1].to(torch.bfloat16)  # exact: the values came from bfloat16
+        mask = scores >= (tau[None, :] if transposed else tau[:, None])
+        flat = mask.view(-1).nonzero().squeeze(1)
+        if len(flat):
+            r, c = flat // width, flat % width
+            if transposed:
+                r, c = c, r
+            pending[b].append((r, c + col0, scores.view(-1)[flat].float()))
+            if sum(len(h[0]) for h in pending[b]) > (rows.stop - rows.start) * length:
+                flush(b)  # raise the thresholds now and then; merging costs per call
+
+    for i0 in range(0, n, block):
+        rows_b = ref_b[i0 : i0 + block]
+        for j0 in range(i0, n, block):
+            scores = rows_b @ ref_b[j0 : j0 + block].T
+            if j0 == i0:
+                scores.fill_diagonal_(float("-inf"))
+            fold(scores, i0, j0, transposed=False)
+            if j0 != i0:
+                fold(scores, i0, j0, transposed=True)
+        flush(i0 // block)  # row block i0 has seen every column
+    return vals, cand
+
+
 @torch.no_grad()
 def knn(
     query: torch.Tensor,
@@ -188,7 +251,7 @@ def knn(
     reference are the same set and query ``i`` never returns index ``i`` (removed by index, so
     an exact duplicate of ``i`` is still found). Candidates come from a bfloat16 product and
     are proven complete (module docstring); ``pad`` extra candidates per query make the proof
-    succeed for almost every row. Memory: the reference in bfloat16 and in float64, plus
+    succeed for almost every row. Memory: a bfloat16 copy of the reference, plus
     ``O(chunk_size^2 + Q * (k + pad))``.
     """
     available = _check(query, reference, k, exclude_self, chunk_size)
@@ -212,10 +275,13 @@ def knn(
         delta = q_err * ref_norm + q_norm * ref_err + gamma * q_b_norm * ref_norm
 
         length = min(available, k + pad)
-        self_index = torch.arange(query.shape[0], device=device) if exclude_self else None
-        vals, cand = _bf16_shortlists(query_b, ref_b, length, self_index, chunk_size)
-        ref_x = reference.to(_exact_dtype(device))
-        top_s = torch.empty(query.shape[0], k, dtype=ref_x.dtype, device=device)
+        if exclude_self and reference.shape[0] > 2 * max(chunk_size, length + 1):
+            vals, cand = _bf16_shortlists_self(ref_b, length, block=max(chunk_size, length + 1))
+        else:
+            self_index = torch.arange(query.shape[0], device=device) if exclude_self else None
+            vals, cand = _bf16_shortlists(query_b, ref_b, length, self_index, chunk_size)
+        exact = _exact_dtype(device)
+        top_s = torch.empty(query.shape[0], k, dtype=exact, device=device)
         top_i = torch.empty(query.shape[0], k, dtype=torch.long, device=device)
         pending = torch.arange(query.shape[0], device=device)
         while True:
@@ -226,13 +292,14 @@ def knn(
                 proven = (upper[:, -1:] < lower_k).squeeze(1)
             else:
                 proven = torch.ones(len(pending), dtype=torch.bool, device=device)
-            done = pending[proven]
             needed = (upper[proven] >= lower_k[proven]).sum(dim=1)
-            done_cand = cand[proven]
+            by_need = torch.argsort(needed)  # blocks of rows with similar prefix lengths
+            needed, done_cand = needed[by_need], cand[proven][by_need]
+            done = pending[proven][by_need]
             for s in range(0, len(done), chunk_size):
                 part = slice(s, s + chunk_size)
                 top_s[done[part]], top_i[done[part]] = _rescore(
-                    query[done[part]], ref_x, done_cand[part], k, needed[part])
+                    query[done[part]], reference, done_cand[part], k, needed[part])
             pending = pending[~proven]
             if not len(pending):
                 break
@@ -240,7 +307,7 @@ def knn(
                 for s in range(0, len(pending), 256):
                     rows = pending[s : s + 256]
                     top_s[rows], top_i[rows] = _exact_rows(
-                        query[rows], ref_x, k, rows if exclude_self else None)
+                        query[rows], reference, k, rows if exclude_self else None)
                 break
             length = min(available, length * 8)
             vals, cand = _bf16_shortlists(query_b[pending], ref_b, length,
