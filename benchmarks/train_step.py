@@ -5,9 +5,12 @@ mixup images, IDML-Proxy-Anchor, AdamW, gradient clipping. Variants, each timed 
 fixed batches after warm-up steps:
 
 * ``naive``: what a straightforward port does -- clean and mixed images in two forward
-  passes, NCHW activations, for-loop AdamW, ``loss.item()`` every step (a host sync);
-* ``idml``: what ``idml.train`` does -- one forward of clean + mixed images (BatchNorm is
-  frozen, so this equals two passes), channels-last activations, fused AdamW, no host sync;
+  passes, NCHW activations, BatchNorm frozen the usual way (modules in eval mode), for-loop
+  AdamW, ``loss.item()`` every step (a host sync);
+* one forward of clean + mixed images (BatchNorm is frozen, so this equals two passes) and
+  channels-last activations, BatchNorm still in eval mode;
+* ``idml``: what ``idml.train`` does -- the above with frozen BatchNorm *modules* (a per-channel
+  affine map, timm's ``FrozenBatchNorm2d``) and fused AdamW, no host sync;
 * ``idml bf16``: the same under ``--precision bf16`` autocast (the ISM stays float32).
 
 Also prints where the time of an ``idml`` step goes (torch.profiler, top operators).
@@ -28,10 +31,16 @@ from idml.models import create_model
 from idml.train import autocast, build_loss_for
 
 
-def make_parts(cfg, channels_last: bool, fused: bool):
+def make_parts(cfg, channels_last: bool, fused: bool, frozen_modules: bool = True):
     torch.manual_seed(0)
     model = create_model(cfg.backbone, embedding_dim=cfg.embedding_dim,
-                         pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn)
+                         pretrained=cfg.pretrained, freeze_bn=frozen_modules)
+    model.train()
+    if not frozen_modules:  # the usual way to freeze: BatchNorm modules in eval mode
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+                m.requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss_for(cfg, num_classes=51)
@@ -42,7 +51,7 @@ def make_parts(cfg, channels_last: bool, fused: bool):
     ]
     kwargs = {"fused": True} if fused else {"foreach": False}
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-    return model.train(), loss_fn, optimizer
+    return model, loss_fn, optimizer
 
 
 def step(model, loss_fn, optimizer, images, labels, gen, *, batched: bool, channels_last: bool,
@@ -79,18 +88,24 @@ def main() -> None:
                 torch.arange(cfg.batch_size // 4).repeat_interleave(4))
                for _ in range(args.steps)]
     variants = {
-        "naive (2 forwards, NCHW, loop AdamW, sync)": dict(
-            batched=False, channels_last=False, fused=False, precision="fp32", sync=True),
-        "idml fp32 (1 forward, channels-last, fused)": dict(
-            batched=True, channels_last=True, fused=True, precision="fp32", sync=False),
+        "naive (2 forwards, NCHW, eval-mode BN, sync)": dict(
+            batched=False, channels_last=False, fused=False, frozen=False, precision="fp32",
+            sync=True),
+        "1 forward, channels-last, eval-mode BN": dict(
+            batched=True, channels_last=True, fused=False, frozen=False, precision="fp32",
+            sync=False),
+        "idml fp32 (+ frozen-BN modules, fused AdamW)": dict(
+            batched=True, channels_last=True, fused=True, frozen=True, precision="fp32",
+            sync=False),
         "idml bf16": dict(
-            batched=True, channels_last=True, fused=True, precision="bf16", sync=False),
+            batched=True, channels_last=True, fused=True, frozen=True, precision="bf16",
+            sync=False),
     }
     print(f"CPU recipe step: batch {cfg.batch_size} + {cfg.batch_size} mixup images at "
           f"{cfg.image_size} px, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rates = {}
     for name, v in variants.items():
-        model, loss_fn, optimizer = make_parts(cfg, v["channels_last"], v["fused"])
+        model, loss_fn, optimizer = make_parts(cfg, v["channels_last"], v["fused"], v["frozen"])
         mix_gen = torch.Generator().manual_seed(1)
         run = dict(batched=v["batched"], channels_last=v["channels_last"],
                    precision=v["precision"], sync=v["sync"], clip=cfg.grad_clip)

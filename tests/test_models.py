@@ -60,24 +60,38 @@ def test_pooling_is_gap_plus_gmp(name, shape):
     torch.testing.assert_close(f, expected)
 
 
-def test_frozen_bn_stays_frozen():
-    model = create_model("resnet18", embedding_dim=8, freeze_bn=True)
-    model.eval().train()
-    bns = bn_layers(model)
-    assert bns and all(not bn.training for bn in bns)
-    assert model.training and model.semantic_head.training
-    assert all(not p.requires_grad for bn in bns for p in bn.parameters())
+def test_frozen_bn_stays_frozen_and_equals_eval_mode_bn():
+    import copy
 
-    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
-    model(torch.randn(2, 3, 64, 64))
-    for bn, (mean, var) in zip(bns, before, strict=True):
-        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+
+    torch.manual_seed(0)
+    plain = create_model("resnet18", embedding_dim=8, freeze_bn=False)
+    # give the BNs non-trivial statistics, as pretrained ones have
+    plain.train()(torch.randn(8, 3, 64, 64))
+    model = IntrospectiveNet(copy.deepcopy(plain.backbone), plain.feature_dim, 8,
+                             freeze_bn=True)
+    model.semantic_head.load_state_dict(plain.semantic_head.state_dict())
+    model.uncertainty_head.load_state_dict(plain.uncertainty_head.state_dict())
+    assert not bn_layers(model)  # every BatchNorm replaced
+    frozen = [m for m in model.backbone.modules()
+              if isinstance(m, FrozenBatchNorm2d | FrozenBatchNormAct2d)]
+    assert len(frozen) == len(bn_layers(plain))
+    assert all(not list(m.parameters()) for m in frozen)  # nothing of them trains
+
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    before = [m.running_mean.clone() for m in frozen]
+    with torch.no_grad():
+        s, u = model(x)  # train mode: still the fixed statistics
+        s_ref, u_ref = plain.eval()(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen, before, strict=True))
 
     new = {id(p) for p in model.new_parameters()}
     heads = [*model.semantic_head.parameters(), *model.uncertainty_head.parameters()]
     assert new == {id(p) for p in heads} and len(new) == 4
-    backbone = {id(p) for p in model.backbone_parameters()}
-    assert not backbone & {id(p) for bn in bns for p in bn.parameters()}
     assert all(p.requires_grad for p in model.backbone_parameters())
 
 
@@ -135,7 +149,12 @@ def test_package_weights_for_efficientnet_lite0():
         assert torch.equal(tensor, source[key]), key
     # Every tensor, by position (the package adds only the classifier _fc.*).
     values = [v for k, v in source.items() if not k.startswith("_fc.")]
-    assert all(torch.equal(a, b) for a, b in zip(bb.state_dict().values(), values, strict=True))
+    plain = create_model("efficientnet_lite0", pretrained="package", freeze_bn=False).backbone
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), values,
+                                                  strict=True))
+    frozen = bb.state_dict()  # frozen BNs keep every tensor but the batch counter
+    assert all(torch.equal(frozen[k], v) for k, v in plain.state_dict().items()
+               if not k.endswith("num_batches_tracked"))
     assert model.freeze_bn and model.input_spec["mean"] == (0.5, 0.5, 0.5)
     s, _ = model.eval()(torch.randn(2, 3, 64, 64))
     assert torch.isfinite(s).all()
@@ -163,7 +182,8 @@ def test_local_weights_file(tmp_path, name):
     torch.save(source.backbone.state_dict(), path)
     loaded = create_model(name, pretrained=str(path))
     expected, got = source.backbone.state_dict(), loaded.backbone.state_dict()
-    assert expected.keys() == got.keys()
+    expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+    assert expected.keys() == got.keys()  # frozen BNs keep all but the batch counter
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert loaded.freeze_bn  # loaded statistics: frozen by default
 
@@ -179,7 +199,8 @@ def test_local_weights_variants(tmp_path):
     torch.save({"state_dict": source.state_dict()}, whole)
     for path in (st, whole):
         loaded = create_model("digits_cnn", pretrained=str(path)).backbone.state_dict()
-        assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+        assert all(torch.equal(expected[k], loaded[k]) for k in expected
+                   if not k.endswith("num_batches_tracked"))
 
 
 def test_local_weights_errors(tmp_path):

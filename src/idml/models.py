@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNormAct2d as _TimmFrozenBNAct
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 IMAGENET_SPEC: dict[str, Any] = {
     "input_size": (3, 224, 224),
@@ -34,6 +37,44 @@ class ModelError(ValueError):
     """A backbone or weights source that cannot be used; the message says what to do."""
 
 
+def _frozen_affine(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` of a frozen BatchNorm, in ``x``'s dtype: the float32 statistics
+    would otherwise promote bfloat16 activations under autocast and add two copies per layer."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x,
+                         scale.to(x.dtype).view(1, -1, 1, 1))
+
+
+class FrozenBatchNorm2d(_TorchvisionFrozenBN):
+    """torchvision's ``FrozenBatchNorm2d`` computed in the input's dtype (one fused op)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _frozen_affine(self, x)
+
+
+class FrozenBatchNormAct2d(_TimmFrozenBNAct):
+    """timm's ``FrozenBatchNormAct2d`` computed in the input's dtype (one fused op)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(_frozen_affine(self, x)))
+
+
+def freeze_batch_norms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm (and timm BatchNormAct) of ``module`` as a frozen per-channel affine map.
+
+    timm's ``freeze_batch_norm_2d`` does the conversion (state dict compatible: every tensor
+    but the batch counter); the modules then compute in the activations' dtype.
+    """
+    module = freeze_batch_norm_2d(module)
+    for m in module.modules():
+        if type(m) is _TimmFrozenBNAct:
+            m.__class__ = FrozenBatchNormAct2d
+        elif type(m) is _TorchvisionFrozenBN:
+            m.__class__ = FrozenBatchNorm2d
+    return module
+
+
 class IntrospectiveNet(nn.Module):
     """Two-head embedding model.
 
@@ -44,8 +85,9 @@ class IntrospectiveNet(nn.Module):
     (unless ``normalize_uncertainty``, which reproduces the authors' release: ``||u||^2 = 1``
     is then a constant and the uncertainty head gets no gradient).
 
-    ``freeze_bn`` keeps every BatchNorm of the backbone in eval mode (running statistics
-    fixed, also under ``train()``) and excludes its affine parameters from training. It only
+    ``freeze_bn`` replaces every BatchNorm of the backbone by a frozen one
+    (:func:`freeze_batch_norms`: running statistics and affine parameters
+    fixed, also under ``train()``; the same outputs as an eval-mode BatchNorm). It only
     makes sense over pretrained statistics: on a random-init backbone the "frozen" BNs are
     identities and the net trains without normalisation.
 
@@ -71,6 +113,11 @@ class IntrospectiveNet(nn.Module):
         uncertainty_init_scale: float = 0.1,
     ) -> None:
         super().__init__()
+        if freeze_bn:
+            # Fixed statistics make a BatchNorm a per-channel affine map; timm's frozen modules
+            # compute it as such (the activation of a BatchNormAct kept), which takes a third
+            # less time per CPU training step than eval-mode BatchNorm and its backward.
+            backbone = freeze_batch_norms(backbone)
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.normalize_uncertainty = normalize_uncertainty
@@ -79,11 +126,6 @@ class IntrospectiveNet(nn.Module):
         self.semantic_head = nn.Linear(feature_dim, embedding_dim)
         self.uncertainty_head = nn.Linear(feature_dim, uncertainty_dim or embedding_dim)
         self._init_heads(uncertainty_init_scale)
-        if freeze_bn:
-            for bn in self._backbone_bns():
-                for p in bn.parameters():
-                    p.requires_grad_(False)
-            self.train(self.training)
 
     def _init_heads(self, uncertainty_scale: float) -> None:
         # Orthogonal rows preserve the angles between features, which is all cosine sees.
@@ -97,17 +139,6 @@ class IntrospectiveNet(nn.Module):
         du, fdim = self.uncertainty_head.weight.shape
         nn.init.normal_(self.uncertainty_head.weight, std=uncertainty_scale / math.sqrt(du * fdim))
         nn.init.zeros_(self.uncertainty_head.bias)
-
-    def _backbone_bns(self) -> list[nn.Module]:
-        bn_type = nn.modules.batchnorm._BatchNorm
-        return [m for m in self.backbone.modules() if isinstance(m, bn_type)]
-
-    def train(self, mode: bool = True) -> IntrospectiveNet:
-        super().train(mode)
-        if self.freeze_bn:
-            for bn in self._backbone_bns():
-                bn.eval()
-        return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map ``[B, F, h, w]``."""
