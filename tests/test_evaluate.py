@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from idml.evaluate import (
     cluster_nmi_f1,
+    evaluation_depth,
     knn,
     pairwise_f1,
     query_gallery_metrics,
@@ -209,3 +210,23 @@ def test_query_gallery_matches_numpy():
     assert set(ours) == set(expected)
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_precomputed_neighbours_give_the_same_metrics(data):
+    from idml.knn import knn
+    from idml.uncertainty import uncertainty_report
+
+    x, y = (torch.as_tensor(a) for a in data)
+    x = torch.nn.functional.normalize(x.float(), dim=1)
+    depth = evaluation_depth(y, (1, 2, 4, 8))
+    nb = knn(x, x, max(depth, 2), exclude_self=True)
+    assert retrieval_metrics(x, y, neighbours=nb) == retrieval_metrics(x, y)
+    u = torch.rand(len(x), 4)
+    assert uncertainty_report(x, u, y, neighbours=nb) == uncertainty_report(x, u, y)
+    with pytest.raises(ValueError, match="columns"):
+        retrieval_metrics(x, y, neighbours=knn(x, x, 1, exclude_self=True), ks=(1, 2))
+    q, g = x[:30], x[30:]
+    qy, gy = y[:30], y[30:]
+    nb = knn(q, g, evaluation_depth(qy, (1, 10), gy), exclude_self=False)
+    assert query_gallery_metrics(q, qy, g, gy, ks=(1, 10), neighbours=nb) == \
+        query_gallery_metrics(q, qy, g, gy, ks=(1, 10))

@@ -156,6 +156,29 @@ def _ranked_metrics(
     return metrics
 
 
+def evaluation_depth(query_labels: torch.Tensor, ks: Sequence[int],
+                     reference_labels: torch.Tensor | None = None) -> int:
+    """The kNN depth at which neither Recall@K nor MAP@R is truncated: ``max(max(ks), R_max)``
+    (``R`` = same-label items in the reference, the query itself excluded when
+    ``reference_labels`` is ``None``), capped at the number of candidates."""
+    if reference_labels is None:
+        r = _label_counts(query_labels, query_labels) - 1
+        available = len(query_labels) - 1
+    else:
+        r = _label_counts(query_labels, reference_labels.to(query_labels.device))
+        available = len(reference_labels)
+    return min(max(max(ks), int(r.max())), available)
+
+
+def _given_neighbours(neighbours: tuple[torch.Tensor, torch.Tensor], depth: int,
+                      device: torch.device) -> torch.Tensor:
+    indices = neighbours[1]
+    if indices.shape[1] < depth:
+        raise ValueError(f"the neighbours given have {indices.shape[1]} columns; the metrics "
+                         f"need {depth}")
+    return indices[:, :depth].to(device)
+
+
 def retrieval_metrics(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -164,13 +187,14 @@ def retrieval_metrics(
     clustering: bool = True,
     seed: int = 0,
     chunk_size: int = 1024,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Leave-one-out zero-shot evaluation on one set (query = gallery, self excluded by index).
 
     L2-normalises ``embeddings`` ``[N, D]``. Returns ``recall@K`` for each K in ``ks``,
     ``r_precision``, ``map@r`` and, with ``clustering=True``, ``nmi`` and ``f1``. The kNN depth
     is ``max(max(ks), largest class - 1)`` (capped at ``N - 1``), so neither Recall@K nor MAP@R
-    is truncated.
+    is truncated. ``neighbours``: a ``knn`` result of at least that depth, if already computed.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
         raise ValueError("embeddings must be [N, D] with one label per row")
@@ -181,8 +205,11 @@ def retrieval_metrics(
     labels = labels.detach().to(x.device).reshape(-1)
 
     num_relevant = _label_counts(labels, labels) - 1
-    depth = min(max(max(ks), int(num_relevant.max())), n - 1)
-    _, indices = knn(x, x, depth, exclude_self=True, chunk_size=chunk_size)
+    depth = evaluation_depth(labels, ks)
+    if neighbours is None:
+        _, indices = knn(x, x, depth, exclude_self=True, chunk_size=chunk_size)
+    else:
+        indices = _given_neighbours(neighbours, depth, x.device)
     metrics = _ranked_metrics(labels[indices], labels, num_relevant, ks)
     if clustering:
         metrics["nmi"], metrics["f1"] = cluster_nmi_f1(x, labels, seed=seed)
@@ -197,6 +224,7 @@ def query_gallery_metrics(
     *,
     ks: Sequence[int] = INSHOP_KS,
     chunk_size: int = 1024,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Query-vs-gallery evaluation (In-Shop protocol); nothing is excluded.
 
@@ -212,6 +240,9 @@ def query_gallery_metrics(
     gallery_labels = gallery_labels.detach().to(q.device).reshape(-1)
 
     num_relevant = _label_counts(query_labels, gallery_labels)
-    depth = min(max(max(ks), int(num_relevant.max())), g.shape[0])
-    _, indices = knn(q, g, depth, exclude_self=False, chunk_size=chunk_size)
+    depth = evaluation_depth(query_labels, ks, gallery_labels)
+    if neighbours is None:
+        _, indices = knn(q, g, depth, exclude_self=False, chunk_size=chunk_size)
+    else:
+        indices = _given_neighbours(neighbours, depth, q.device)
     return _ranked_metrics(gallery_labels[indices], query_labels, num_relevant, ks)

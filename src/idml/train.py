@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -31,8 +32,9 @@ from idml.data import (
     random_affine,
 )
 from idml.distributed import Distributed, process_group
-from idml.evaluate import query_gallery_metrics, retrieval_metrics
+from idml.evaluate import evaluation_depth, query_gallery_metrics, retrieval_metrics
 from idml.images import make_train_loader
+from idml.knn import knn
 from idml.losses import build_loss, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet, create_model
 from idml.uncertainty import (
@@ -144,16 +146,19 @@ def uncertainty_summary(
     uncertainty: torch.Tensor,
     labels: torch.Tensor,
     gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean ``||u||^2`` overall and on queries whose nearest neighbour is right / wrong.
 
-    Leave-one-out within the set, or against ``gallery = (semantic, labels)`` when given.
+    Leave-one-out within the set, or against ``gallery = (semantic, labels)`` when given;
+    ``neighbours``: the queries' ``knn`` result, if already computed.
     """
     score = uncertainty_score(uncertainty)
     if gallery is None:
-        correct = query_correct(semantic, labels)
+        correct = query_correct(semantic, labels, neighbours=neighbours)
     else:
-        correct = query_correct(semantic, labels, gallery=gallery[0], gallery_labels=gallery[1])
+        correct = query_correct(semantic, labels, gallery=gallery[0], gallery_labels=gallery[1],
+                                neighbours=neighbours)
     correct = correct.to(score.device)
     nan = float("nan")
     return {
@@ -188,11 +193,15 @@ def evaluate_model(
     if part == "val" and splits.val is None:
         raise ValueError("no validation split: set val_fraction > 0")
     data = splits.val if part == "val" else splits.test
+    ks = tuple(cfg.eval_ks)
     if data is not None:
         s, u, y = embed(data)
-        metrics = retrieval_metrics(s, y, ks=tuple(cfg.eval_ks), seed=cfg.seed)
-        summary = uncertainty_summary(s, u, y)
-        report = uncertainty_report(s, u, y, seed=cfg.seed)
+        # One kNN pass serves the metrics, the uncertainty summary and the semantic gap.
+        unit = F.normalize(s.float(), dim=1)
+        nb = knn(unit, unit, min(max(2, evaluation_depth(y, ks)), len(y) - 1), exclude_self=True)
+        metrics = retrieval_metrics(s, y, ks=ks, seed=cfg.seed, neighbours=nb)
+        summary = uncertainty_summary(s, u, y, neighbours=nb)
+        report = uncertainty_report(s, u, y, seed=cfg.seed, neighbours=nb)
         if ambiguity:
             mixed = mixup_uncertainty(model, data, cfg, device)
             summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
@@ -201,9 +210,13 @@ def evaluate_model(
         raise ValueError(f"the data set has no {part} split")
     s, u, y = embed(splits.query)
     gs, _, gy = embed(splits.gallery)
-    metrics = query_gallery_metrics(s, y, gs, gy, ks=tuple(cfg.eval_ks))
-    summary = uncertainty_summary(s, u, y, gallery=(gs, gy))
-    report = uncertainty_report(s, u, y, seed=cfg.seed, gallery=gs, gallery_labels=gy)
+    depth = min(max(2, evaluation_depth(y, ks, gy)), len(gy))
+    nb = knn(F.normalize(s.float(), dim=1), F.normalize(gs.float(), dim=1), depth,
+             exclude_self=False)
+    metrics = query_gallery_metrics(s, y, gs, gy, ks=ks, neighbours=nb)
+    summary = uncertainty_summary(s, u, y, gallery=(gs, gy), neighbours=nb)
+    report = uncertainty_report(s, u, y, seed=cfg.seed, gallery=gs, gallery_labels=gy,
+                                neighbours=nb)
     if ambiguity:
         mixed = mixup_uncertainty(model, splits.query, cfg, device)
         summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)

@@ -63,6 +63,7 @@ def query_correct(
     *,
     gallery: torch.Tensor | None = None,
     gallery_labels: torch.Tensor | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Bool ``[N]``: whether each query's nearest neighbour (cosine) has the query's label.
 
@@ -82,12 +83,16 @@ def query_correct(
         ref_labels = gallery_labels.detach().reshape(-1).to(q.device)
         if ref_labels.shape[0] != ref.shape[0]:
             raise ValueError("one label per gallery item is required")
-    _, idx = knn(q, ref, 1, exclude_self=gallery is None)
-    return ref_labels[idx[:, 0]] == labels
+    _, idx = neighbours if neighbours is not None else knn(q, ref, 1,
+                                                           exclude_self=gallery is None)
+    return ref_labels[idx[:, 0].to(q.device)] == labels
 
 
 def semantic_confidence(
-    semantic: torch.Tensor, *, gallery: torch.Tensor | None = None
+    semantic: torch.Tensor,
+    *,
+    gallery: torch.Tensor | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Float32 ``[N]`` confidence from the semantic embedding alone: ``cos_1 - cos_2``.
 
@@ -95,8 +100,10 @@ def semantic_confidence(
     neighbour (leave-one-out, or in ``gallery``). A query far closer to one item than to
     the next is unambiguous; the reference an uncertainty embedding must beat.
     """
-    q, ref = _check_gallery(semantic, gallery)
-    sims, _ = knn(q, ref, 2, exclude_self=gallery is None)
+    if neighbours is None:
+        q, ref = _check_gallery(semantic, gallery)
+        neighbours = knn(q, ref, 2, exclude_self=gallery is None)
+    sims = neighbours[0]
     return sims[:, 0] - sims[:, 1]
 
 
@@ -203,6 +210,7 @@ def uncertainty_report(
     gallery_labels: torch.Tensor | None = None,
     coverages: Sequence[float] = DEFAULT_COVERAGES,
     random_draws: int = RANDOM_DRAWS,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Compare confidences for ranking retrieval queries, one row each.
 
@@ -214,16 +222,19 @@ def uncertainty_report(
     (1 = nearest neighbour has another label). Positive = the score flags failures; ``nan``
     when all queries succeed or all fail. Queries are leave-one-out on ``semantic`` or
     against ``gallery`` / ``gallery_labels``; ``uncertainty`` belongs to the queries.
+    ``neighbours``: the queries' ``knn`` result (at least 2 columns), if already computed.
     """
     if uncertainty.shape[0] != semantic.shape[0]:
         raise ValueError("one uncertainty embedding per query is required")
     if random_draws < 1:
         raise ValueError(f"random_draws must be positive, got {random_draws}")
     correct = _as_numpy(
-        query_correct(semantic, labels, gallery=gallery, gallery_labels=gallery_labels), bool
+        query_correct(semantic, labels, gallery=gallery, gallery_labels=gallery_labels,
+                      neighbours=neighbours), bool
     )
     scores = _as_numpy(uncertainty_score(uncertainty), np.float64)
-    gap = _as_numpy(semantic_confidence(semantic, gallery=gallery), np.float64)
+    gap = _as_numpy(semantic_confidence(semantic, gallery=gallery, neighbours=neighbours),
+                    np.float64)
 
     rng = np.random.default_rng(seed)
     draws = [
