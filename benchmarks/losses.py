@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from idml.config import RunConfig, resolve_config
@@ -120,6 +121,7 @@ def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor], m_per_class: int) ->
         s, _ = embed(feats["test"])
     metrics = retrieval_metrics(s, feats["test_y"], ks=tuple(cfg.eval_ks), seed=cfg.seed)
     return {"loss": cfg.loss, "metric": cfg.metric, "seed": cfg.seed, "train_s": train_s,
+            "mixup": cfg.mixup, "ism_a": cfg.ism_a, "ism_b": cfg.ism_b,
             "epoch_losses": losses, "final": metrics,
             "finite": all(x == x and abs(x) != float("inf") for x in losses)}
 
@@ -165,6 +167,11 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results/losses.jsonl")
     parser.add_argument("--summary", action="store_true", help="only print --results' table")
     parser.add_argument("--threads", type=int, help="torch threads (1: two sweeps side by side)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="further RunConfig overrides, e.g. ism_a=1 ism_b=0")
+    parser.add_argument("--mixup", choices=("paper", "on", "off"), default="paper",
+                        help="paper: mixup with the introspective metric only (IDML); on/off: "
+                             "for both metrics (ablations)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,9 +182,12 @@ def main() -> None:
             print(f"\n{preset}\n" + summarise([r for r in rows if r["preset"] == preset]))
         return
 
-    base = resolve_config(args.preset, overrides={
-        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "lr_step": max(1, args.epochs // 2), "warmup_epochs": 0, "progress": False})
+    overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                 "lr_step": max(1, args.epochs // 2), "warmup_epochs": 0, "progress": False}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = yaml.safe_load(value)
+    base = resolve_config(args.preset, overrides=overrides)
     feats = cached_features(base)
     results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -187,7 +197,8 @@ def main() -> None:
                 continue
             for seed in args.seeds:
                 cfg = dataclasses.replace(base, loss=loss, metric=metric, seed=seed,
-                                          mixup=metric == "introspective")
+                                          mixup={"paper": metric == "introspective",
+                                                 "on": True, "off": False}[args.mixup])
                 row = {"preset": args.preset, "epochs": args.epochs, **run_one(
                     cfg, feats, args.m_per_class)}
                 rows.append(row)
