@@ -46,7 +46,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="idml", description="Introspective Deep Metric Learning: train and evaluate."
+        prog="idml",
+        description="Introspective Deep Metric Learning: train, evaluate, embed, index, search, "
+                    "report and export."
     )
     parser.add_argument("--version", action="version", version=f"idml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
