@@ -161,13 +161,20 @@ def evaluation_depth(query_labels: torch.Tensor, ks: Sequence[int],
     """The kNN depth at which neither Recall@K nor MAP@R is truncated: ``max(max(ks), R_max)``
     (``R`` = same-label items in the reference, the query itself excluded when
     ``reference_labels`` is ``None``), capped at the number of candidates."""
+    return _depth(_num_relevant(query_labels, reference_labels), ks,
+                  len(query_labels) - 1 if reference_labels is None else len(reference_labels))
+
+
+def _num_relevant(query_labels: torch.Tensor,
+                  reference_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """R per query: same-label items in the reference (leave-one-out: the others of the set)."""
     if reference_labels is None:
-        r = _label_counts(query_labels, query_labels) - 1
-        available = len(query_labels) - 1
-    else:
-        r = _label_counts(query_labels, reference_labels.to(query_labels.device))
-        available = len(reference_labels)
-    return min(max(max(ks), int(r.max())), available)
+        return _label_counts(query_labels, query_labels) - 1
+    return _label_counts(query_labels, reference_labels.to(query_labels.device))
+
+
+def _depth(num_relevant: torch.Tensor, ks: Sequence[int], available: int) -> int:
+    return min(max(max(ks), int(num_relevant.max())), available)
 
 
 def _given_neighbours(neighbours: tuple[torch.Tensor, torch.Tensor], depth: int,
@@ -204,8 +211,8 @@ def retrieval_metrics(
     x = F.normalize(embeddings.detach().float(), dim=1)
     labels = labels.detach().to(x.device).reshape(-1)
 
-    num_relevant = _label_counts(labels, labels) - 1
-    depth = evaluation_depth(labels, ks)
+    num_relevant = _num_relevant(labels)
+    depth = _depth(num_relevant, ks, n - 1)
     if neighbours is None:
         _, indices = knn(x, x, depth, exclude_self=True, chunk_size=chunk_size)
     else:
@@ -239,8 +246,8 @@ def query_gallery_metrics(
     query_labels = query_labels.detach().to(q.device).reshape(-1)
     gallery_labels = gallery_labels.detach().to(q.device).reshape(-1)
 
-    num_relevant = _label_counts(query_labels, gallery_labels)
-    depth = evaluation_depth(query_labels, ks, gallery_labels)
+    num_relevant = _num_relevant(query_labels, gallery_labels)
+    depth = _depth(num_relevant, ks, g.shape[0])
     if neighbours is None:
         _, indices = knn(q, g, depth, exclude_self=False, chunk_size=chunk_size)
     else:

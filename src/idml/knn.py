@@ -17,8 +17,8 @@ pick candidates and proves that the candidates contain the true neighbours:
 4. The shortlist is re-scored exactly in float64 and sorted (ties by index).
 
 So the neighbours and similarities equal an exact computation; only the candidate search
-uses low precision. Memory is ``O(chunk_size * N)`` bfloat16 values plus the bfloat16 copy of
-the reference, never an ``N x N`` matrix.
+uses low precision. Memory: the bfloat16 copy of the reference, ``chunk_size``-sized blocks of
+scores and the shortlists, never an ``N x N`` matrix.
 """
 
 from __future__ import annotations
@@ -89,14 +89,13 @@ def _rescore(q: torch.Tensor, reference: torch.Tensor, cand: torch.Tensor, k: in
              needed: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact scores of the candidates ``cand [C, L]`` of queries ``q [C, D]``; the top ``k``.
 
-    Only the first ``needed[i]`` candidates of
-    row ``i`` can be in its top ``k`` (the rest are proven out); a block of rows re-scores the
-    longest such prefix among its rows.
+    Only the first ``needed[i]`` candidates of row ``i`` can be in its top ``k`` (the rest are
+    proven out); a block of rows re-scores the longest such prefix among its rows.
     """
+    dtype = _exact_dtype(q.device)
     sims, idxs = [], []
     for s in range(0, q.shape[0], block):
         c = cand[s : s + block, : max(k, int(needed[s : s + block].max()))]
-        dtype = _exact_dtype(q.device)
         vecs = reference[c.reshape(-1)].to(dtype).view(c.shape[0], c.shape[1], -1)
         exact = torch.bmm(vecs, q[s : s + block].to(dtype).unsqueeze(2)).squeeze(2)
         top_s, top_i = _sorted_top(exact, c, k)
@@ -133,6 +132,22 @@ def _merge_hits(top_v: torch.Tensor, top_c: torch.Tensor, r: torch.Tensor, c: to
     return top_v, dense_c.gather(1, pos)
 
 
+def _hits_above(scores: torch.Tensor, tau: torch.Tensor, transposed: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row, col, value)`` of the scores at or above their row's threshold ``tau``.
+
+    ``transposed``: the lists belong to the *columns* of ``scores`` (``tau`` per column) and
+    the triples come back in those terms, unsorted. ``scores`` stays contiguous either way (a
+    transposed view makes the comparison and ``nonzero`` several times slower).
+    """
+    tau = tau.to(torch.bfloat16)  # exact: the thresholds are values that came from bfloat16
+    mask = scores >= (tau[None, :] if transposed else tau[:, None])
+    flat = mask.view(-1).nonzero().squeeze(1)
+    r, c = flat // scores.shape[1], flat % scores.shape[1]
+    return (c, r, scores.view(-1)[flat].float()) if transposed else \
+        (r, c, scores.view(-1)[flat].float())
+
+
 def _bf16_shortlists(query_b: torch.Tensor, ref_b: torch.Tensor, length: int,
                      self_index: torch.Tensor | None, row_block: int,
                      col_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +178,9 @@ def _bf16_shortlists(query_b: torch.Tensor, ref_b: torch.Tensor, length: int,
                 top_v, top_c = torch.topk(scores, length, dim=1)
                 top_v = top_v.float()
             else:
-                tau = top_v[:, -1:].to(torch.bfloat16)  # exact: the values came from bfloat16
-                r, c = (scores >= tau).nonzero(as_tuple=True)
+                r, c, v = _hits_above(scores, top_v[:, -1])
                 if len(r):
-                    top_v, top_c = _merge_hits(top_v, top_c, r, c + j0, scores[r, c].float())
+                    top_v, top_c = _merge_hits(top_v, top_c, r, c + j0, v)
         vals[i0 : i0 + row_block], cand[i0 : i0 + row_block] = top_v, top_c
     return vals, cand
 
@@ -199,24 +213,18 @@ def _bf16_shortlists_self(ref_b: torch.Tensor, length: int,
 
     def fold(scores: torch.Tensor, i0: int, j0: int, transposed: bool) -> None:
         """Scores of row block ``i0`` x column block ``j0`` into the lists of the rows of
-        ``j0`` (``transposed``) or ``i0``; ``scores`` stays contiguous (a transposed view
-        would make the comparison and ``nonzero`` several times slower)."""
+        ``j0`` (``transposed``) or ``i0``."""
         first, col0 = (j0, i0) if transposed else (i0, j0)
-        b, width = first // block, scores.shape[1]
-        rows = slice(first, first + (width if transposed else scores.shape[0]))
+        b = first // block
+        rows = slice(first, first + scores.shape[1 if transposed else 0])
         if not started[b]:
             started[b] = True
             v, c = torch.topk(scores.T if transposed else scores, length, dim=1)
             vals[rows], cand[rows] = v.float(), c + col0
             return
-        tau = vals[rows, -1].to(torch.bfloat16)  # exact: the values came from bfloat16
-        mask = scores >= (tau[None, :] if transposed else tau[:, None])
-        flat = mask.view(-1).nonzero().squeeze(1)
-        if len(flat):
-            r, c = flat // width, flat % width
-            if transposed:
-                r, c = c, r
-            pending[b].append((r, c + col0, scores.view(-1)[flat].float()))
+        r, c, v = _hits_above(scores, vals[rows, -1], transposed)
+        if len(r):
+            pending[b].append((r, c + col0, v))
             if sum(len(h[0]) for h in pending[b]) > (rows.stop - rows.start) * length:
                 flush(b)  # raise the thresholds now and then; merging costs per call
 
