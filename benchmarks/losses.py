@@ -37,7 +37,7 @@ from idml.evaluate import retrieval_metrics
 from idml.images import make_train_loader
 from idml.losses import LOSSES, mixup_batch, mixup_loss
 from idml.models import IntrospectiveNet
-from idml.train import build, build_loss_for, seed_everything
+from idml.train import build, build_loss_for, make_optimizer, seed_everything
 
 SEMANTIC_ONLY = {"angular"}  # no introspective version (see idml.losses)
 
@@ -79,13 +79,7 @@ def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor], m_per_class: int) ->
                              freeze_bn=False)
     num_classes = int(y_train.max()) + 1
     loss_fn = build_loss_for(cfg, num_classes)
-    proxies = list(loss_fn.proxy_parameters())
-    ids = {id(p) for p in proxies}
-    optimizer = torch.optim.AdamW([
-        {"params": heads.new_parameters(), "lr": cfg.lr},
-        {"params": proxies, "lr": cfg.lr * cfg.proxy_lr_mult},
-        {"params": [p for p in loss_fn.parameters() if id(p) not in ids], "lr": cfg.lr},
-    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, [], heads.new_parameters(), loss_fn, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
     loader = make_train_loader(TensorDataset(f_train, y_train), y_train.tolist(),
                                cfg.batch_size, m_per_class, cfg.seed)

@@ -288,6 +288,31 @@ def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     )
 
 
+def make_optimizer(
+    cfg: RunConfig,
+    backbone_params: list[torch.nn.Parameter],
+    head_params: list[torch.nn.Parameter],
+    loss_fn: torch.nn.Module,
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """The recipe's AdamW: backbone, heads and the loss's other parameters at ``cfg.lr``, its
+    proxies at ``cfg.lr * cfg.proxy_lr_mult``, weight decay ``cfg.weight_decay``."""
+    proxies = list(loss_fn.proxy_parameters())
+    proxy_ids = {id(p) for p in proxies}
+    return torch.optim.AdamW(
+        [
+            {"params": backbone_params, "lr": cfg.lr},
+            {"params": head_params, "lr": cfg.lr},
+            {"params": proxies, "lr": cfg.lr * cfg.proxy_lr_mult},
+            {"params": [p for p in loss_fn.parameters() if id(p) not in proxy_ids], "lr": cfg.lr},
+        ],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        # One fused kernel over all tensors instead of a Python loop over ~300 of them.
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
 class RunLog:
     """Lines to the run's ``train.log`` and (unless quiet) to the console."""
 
@@ -524,20 +549,7 @@ def _train(
         f"{splits.num_train_classes} classes; {sizes} images{procs}")
 
     backbone_params = model.backbone_parameters()
-    proxies = list(loss_fn.proxy_parameters())
-    proxy_ids = {id(p) for p in proxies}
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": backbone_params, "lr": cfg.lr},
-            {"params": model.new_parameters(), "lr": cfg.lr},
-            {"params": proxies, "lr": cfg.lr * cfg.proxy_lr_mult},
-            {"params": [p for p in loss_fn.parameters() if id(p) not in proxy_ids], "lr": cfg.lr},
-        ],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        # One fused kernel over all tensors instead of a Python loop over ~300 of them.
-        fused=device.type in ("cpu", "cuda"),
-    )
+    optimizer = make_optimizer(cfg, backbone_params, model.new_parameters(), loss_fn, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
     # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
