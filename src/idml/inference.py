@@ -41,7 +41,7 @@ from idml.checkpoint import (
 from idml.config import RunConfig, config_from_dict
 from idml.datasets import IMAGE_SUFFIXES, io_threads
 from idml.images import build_transforms, to_rgb, to_storage_mode
-from idml.models import IntrospectiveNet, create_model
+from idml.models import IntrospectiveNet
 from idml.uncertainty import uncertainty_score as _uncertainty_score
 
 EMBEDDINGS_FORMAT = "idml-embeddings"
@@ -67,25 +67,6 @@ def uncertainty_score(uncertainty: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-image uncertainty ``||u||^2`` (float32 ``[N]``; larger = more ambiguous)."""
     u = uncertainty if torch.is_tensor(uncertainty) else torch.from_numpy(np.asarray(uncertainty))
     return _uncertainty_score(u).cpu().numpy().astype(np.float32)
-
-
-def model_from_config(cfg: RunConfig) -> IntrospectiveNet:
-    """The untrained model a config describes, with random weights (``pretrained`` ignored).
-
-    The same construction as :func:`idml.train.build`, without reading any data.
-    """
-    model = create_model(
-        cfg.backbone,
-        embedding_dim=cfg.embedding_dim,
-        uncertainty_dim=cfg.uncertainty_dim,
-        pretrained="none",
-        normalize_uncertainty=cfg.mode == "reference",
-        freeze_bn=cfg.freeze_bn,
-        in_chans=1 if cfg.dataset == "digits" else 3,
-    )
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def _digits_transform(spec: dict[str, Any]) -> Any:
@@ -261,6 +242,8 @@ def trained_model(checkpoint: str | os.PathLike) -> tuple[IntrospectiveNet, RunC
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} lacks its 'config' or 'model' entry")
     cfg = config_from_dict(dict(ckpt["config"]), source=str(path))
+    from idml.train import model_from_config
+
     cfg = dataclasses.replace(cfg, pretrained="none")
     model = model_from_config(cfg)
     try:

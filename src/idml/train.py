@@ -227,15 +227,7 @@ def build(
     cfg: RunConfig, device: torch.device, log: Callable[[str], None] = print
 ) -> tuple[IntrospectiveNet, RetrievalSplits]:
     """The model and the data splits (normalised for that model) a config describes."""
-    model = create_model(
-        cfg.backbone,
-        embedding_dim=cfg.embedding_dim,
-        uncertainty_dim=cfg.uncertainty_dim,
-        pretrained=cfg.pretrained,
-        normalize_uncertainty=cfg.mode == "reference",
-        freeze_bn=cfg.freeze_bn,
-        in_chans=1 if cfg.dataset == "digits" else 3,
-    )
+    model = model_from_config(cfg)
     spec = model.input_spec
     if cfg.dataset == "digits":
         splits = load_digits_splits(
@@ -255,9 +247,24 @@ def build(
             skip_bad_images=cfg.skip_bad_images,
             log=log,
         )
+    return model.to(device), splits
+
+
+def model_from_config(cfg: RunConfig) -> IntrospectiveNet:
+    """The model a config describes (on the CPU, weights per ``cfg.pretrained``), without
+    reading any data."""
+    model = create_model(
+        cfg.backbone,
+        embedding_dim=cfg.embedding_dim,
+        uncertainty_dim=cfg.uncertainty_dim,
+        pretrained=cfg.pretrained,
+        normalize_uncertainty=cfg.mode == "reference",
+        freeze_bn=cfg.freeze_bn,
+        in_chans=1 if cfg.dataset == "digits" else 3,
+    )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.to(device), splits
+    return model
 
 
 def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
