@@ -5,8 +5,9 @@ Synthetic embeddings shaped like Stanford Online Products' test split (60,502 im
 engine runs in its own process (so each peak resident memory is its own) on the same data:
 
 * P@1 + R-Precision + MAP@R: ``AccuracyCalculator(k="max_bin_count")`` vs
-  ``idml.evaluate.retrieval_metrics(..., clustering=False)`` (exact bf16-shortlist kNN);
-* NMI: AccuracyCalculator's ``NMI`` vs ``idml.evaluate.cluster_nmi_f1`` (both faiss k-means,
+  ``idml.evaluation.metrics.retrieval_metrics(..., clustering=False)`` (exact bf16-shortlist kNN);
+* NMI: AccuracyCalculator's ``NMI`` vs
+  ``idml.evaluation.metrics.cluster_nmi_f1`` (both faiss k-means,
   20 iterations, faiss' seed 1234; ours also returns the pairwise F1).
 
 Prints seconds, the ratio, peak resident memory and the largest metric difference, and
@@ -97,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
             out["nmi"] = calc.get_accuracy(x, y)["NMI"]
             out["nmi_s"] = time.perf_counter() - t
     else:
-        from idml.evaluate import cluster_nmi_f1, retrieval_metrics
+        from idml.evaluation.metrics import cluster_nmi_f1, retrieval_metrics
 
         t = time.perf_counter()
         m = retrieval_metrics(x, y, ks=(1,), clustering=False)
@@ -115,7 +116,7 @@ def worker(args: argparse.Namespace) -> None:
 
             _, indices = FaissKNN()(x, k, x, ref_includes_query=True)
         else:
-            from idml.knn import knn
+            from idml.evaluation.knn import knn
 
             _, indices = knn(x, x, k, exclude_self=True)
         out |= check_sample(x, y, indices.cpu(), args.verify, args.seed)

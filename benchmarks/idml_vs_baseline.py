@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from idml.config import resolve_config
-from idml.train import train
+from idml.core.config import resolve_config
+from idml.training.run import train
 
 #: What each row changes on top of the preset (everything else identical).
 VARIANTS: dict[str, dict[str, object]] = {

@@ -13,10 +13,8 @@ import time
 
 import torch
 
-from idml.config import resolve_config
-from idml.data import labels_of
-from idml.datasets import cache_root, read_dataset
-from idml.images import (
+from idml.core.config import resolve_config
+from idml.data.images import (
     CachedImageDataset,
     ImageDataset,
     build_transforms,
@@ -24,9 +22,11 @@ from idml.images import (
     loader_throughput,
     test_crop_fraction,
 )
-from idml.losses import mixup_batch, mixup_loss
-from idml.models import create_model
-from idml.train import build_loss_for
+from idml.data.readers import cache_root, read_dataset
+from idml.data.splits import labels_of
+from idml.method.losses import mixup_batch, mixup_loss
+from idml.method.model import create_model
+from idml.training.run import build_loss_for
 
 
 def main() -> None:

@@ -30,16 +30,16 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from idml.config import RunConfig, resolve_config
-from idml.data import labels_of
-from idml.datasets import cache_root
-from idml.evaluate import retrieval_metrics
-from idml.images import make_train_loader
-from idml.losses import LOSSES, mixup_batch, mixup_loss
-from idml.models import IntrospectiveNet
-from idml.train import build, build_loss_for, make_optimizer, seed_everything
+from idml.core.config import RunConfig, resolve_config
+from idml.data.images import make_train_loader
+from idml.data.readers import cache_root
+from idml.data.splits import labels_of
+from idml.evaluation.metrics import retrieval_metrics
+from idml.method.losses import LOSSES, mixup_batch, mixup_loss
+from idml.method.model import IntrospectiveNet
+from idml.training.run import build, build_loss_for, make_optimizer, seed_everything
 
-SEMANTIC_ONLY = {"angular"}  # no introspective version (see idml.losses)
+SEMANTIC_ONLY = {"angular"}  # no introspective version (see idml.method.losses)
 
 
 @torch.no_grad()

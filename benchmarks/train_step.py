@@ -9,7 +9,8 @@ fixed batches after warm-up steps:
   AdamW, ``loss.item()`` every step (a host sync);
 * one forward of clean + mixed images (BatchNorm is frozen, so this equals two passes) and
   channels-last activations, BatchNorm still in eval mode;
-* ``idml``: what ``idml.train`` does -- the above with frozen BatchNorm *modules* (a per-channel
+* ``idml``: what idml's training does -- the
+  above with frozen BatchNorm *modules* (a per-channel
   affine map, timm's ``FrozenBatchNorm2d``) and fused AdamW, no host sync;
 * ``idml bf16``: the same under ``--precision bf16`` autocast (the ISM stays float32).
 
@@ -25,10 +26,10 @@ import time
 
 import torch
 
-from idml.config import resolve_config
-from idml.losses import mixup_batch, mixup_loss
-from idml.models import create_model
-from idml.train import autocast, build_loss_for
+from idml.core.config import resolve_config
+from idml.method.losses import mixup_batch, mixup_loss
+from idml.method.model import create_model
+from idml.training.run import autocast, build_loss_for
 
 
 def make_parts(cfg, channels_last: bool, fused: bool, frozen_modules: bool = True):

@@ -10,7 +10,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from idml.datasets import (
+from idml.data.readers import (
     DatasetError,
     Records,
     extract_archive,
@@ -279,7 +279,7 @@ def test_omniglot_from_archive_extracted_once(tmp_path, monkeypatch):
     assert splits.train.paths[0].is_relative_to(tmp_path / "cache" / "omniglot")
     marker = splits.train.paths[0]
     mtime = marker.stat().st_mtime_ns
-    import idml.datasets as ds
+    import idml.data.readers as ds
 
     def fail(*args):
         raise AssertionError("extracted twice")

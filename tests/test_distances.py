@@ -1,4 +1,4 @@
-"""IntrospectiveDistance: the ISM of idml.metric behind PML's distance contract."""
+"""IntrospectiveDistance: the ISM of idml.method.metric behind PML's distance contract."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
-from idml.distances import IntrospectiveDistance
-from idml.metric import pairwise_introspective, proxy_introspective_similarity
+from idml.method.distances import IntrospectiveDistance
+from idml.method.metric import pairwise_introspective, proxy_introspective_similarity
 
 E, U = 6, 4
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (idml.distributed): 2 gloo processes on the CPU against 1 process."""
+"""Data-parallel training (idml.training.distributed): 2 gloo processes on the CPU vs 1."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Imported here, before any worker initialises its process group: importing torchvision
-# (idml.train -> idml.images) after init_process_group keeps gloo's threads alive past
+# (idml.training.run -> idml.data.images) after init_process_group keeps gloo's threads alive past
 # destroy_process_group and the process may abort at exit ("terminate called without an
 # active exception"). `idml train` and train() callers import it first anyway.
-import idml.train as T
-from idml.checkpoint import load_checkpoint
+import idml.training.run as T
 from idml.cli import main
-from idml.config import RunConfig
-from idml.distributed import Distributed
-from idml.losses import build_loss, mixup_batch, mixup_loss
-from idml.models import create_model
+from idml.core.checkpoint import load_checkpoint
+from idml.core.config import RunConfig
+from idml.method.losses import build_loss, mixup_batch, mixup_loss
+from idml.method.model import create_model
+from idml.training.distributed import Distributed
 
 WORLD = 2
 BATCH = 24  # global batch: 12 images per process
@@ -257,7 +257,7 @@ def test_mixup_training_resumes_exactly_under_two_processes(tmp_path):
 
 
 def test_batch_must_split_evenly_over_the_processes():
-    from idml.images import ShardedBatchSampler
+    from idml.data.images import ShardedBatchSampler
 
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         ShardedBatchSampler(range(10), 5, rank=0, world_size=2)
@@ -269,7 +269,7 @@ def test_batch_must_split_evenly_over_the_processes():
 def test_sharded_loaders_split_the_single_process_batches(m_per_class):
     """Each process's loader yields its slice of the same global batches (plain shuffle and
     the seeded m-per-class sampler), epoch after epoch."""
-    from idml.images import make_train_loader
+    from idml.data.images import make_train_loader
 
     labels = [i % 7 for i in range(100)]
     data = torch.utils.data.TensorDataset(torch.arange(100), torch.tensor(labels))

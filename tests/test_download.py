@@ -17,8 +17,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from idml import download
-from idml.download import (
+from idml.data import download
+from idml.data.download import (
     DATASETS,
     DatasetFile,
     DatasetSource,

@@ -1,4 +1,4 @@
-"""Tests of ``idml.evaluate`` against independent computations (NumPy brute force,
+"""Tests of ``idml.evaluation.metrics`` against independent computations (NumPy brute force,
 pytorch-metric-learning's ``AccuracyCalculator``, hand-counted pairs)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from idml.evaluate import (
+from idml.evaluation.metrics import (
     cluster_nmi_f1,
     evaluation_depth,
     knn,
@@ -213,8 +213,8 @@ def test_query_gallery_matches_numpy():
 
 
 def test_precomputed_neighbours_give_the_same_metrics(data):
-    from idml.knn import knn
-    from idml.uncertainty import uncertainty_report
+    from idml.evaluation.knn import knn
+    from idml.evaluation.uncertainty import uncertainty_report
 
     x, y = (torch.as_tensor(a) for a in data)
     x = torch.nn.functional.normalize(x.float(), dim=1)

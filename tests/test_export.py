@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from idml import cli
-from idml.export import (
+from idml.method.model import create_model
+from idml.serving.export import (
     OUTPUT_NAMES,
     ExportError,
     MissingDependency,
@@ -22,7 +23,6 @@ from idml.export import (
     export_onnx,
     export_torchscript,
 )
-from idml.models import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -211,8 +211,8 @@ def test_api_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_image_run_uses_its_image_size_and_no_download(tmp_path: Path) -> None:
     """A checkpoint of an image run (3 channels, its own crop size) with package weights."""
-    from idml.checkpoint import save_checkpoint
-    from idml.config import RunConfig, as_dict
+    from idml.core.checkpoint import save_checkpoint
+    from idml.core.config import RunConfig, as_dict
 
     cfg = dataclasses.replace(RunConfig(), dataset="folder", backbone="efficientnet_lite0",
                               pretrained="package", image_size=48, embedding_dim=24,

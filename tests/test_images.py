@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-import idml.images as images
-from idml.datasets import DatasetError, Records
-from idml.images import (
+import idml.data.images as images
+from idml.data.images import (
     CachedImageDataset,
     DecodedCache,
     ImageDataset,
@@ -18,6 +17,7 @@ from idml.images import (
     loader_throughput,
     make_train_loader,
 )
+from idml.data.readers import DatasetError, Records
 
 SPEC = {"mean": (0.5, 0.25, 0.125), "std": (0.5, 0.25, 0.5), "crop_pct": 0.875}
 

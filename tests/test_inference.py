@@ -8,19 +8,19 @@ import torch
 from PIL import Image
 
 import idml
-from idml.checkpoint import CheckpointError, save_checkpoint
 from idml.cli import main
-from idml.config import RunConfig, as_dict, resolve_config
-from idml.data import LabeledTensors, load_digits_splits
-from idml.inference import (
+from idml.core.checkpoint import CheckpointError, save_checkpoint
+from idml.core.config import RunConfig, as_dict, resolve_config
+from idml.data.splits import LabeledTensors, load_digits_splits
+from idml.method.model import create_model
+from idml.serving.embedder import (
     EmbeddingsError,
     EmbeddingSet,
     load_embeddings,
     save_embeddings,
     uncertainty_score,
 )
-from idml.models import create_model
-from idml.train import compute_embeddings
+from idml.training.run import compute_embeddings
 
 IMAGE_SIZE = 28  # test resize 32 (28 / 0.875), centre crop offset 2: exact in pixels
 

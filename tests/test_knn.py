@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from idml.knn import MAX_SHORTLIST, knn, knn_float32
+from idml.evaluation.knn import MAX_SHORTLIST, knn, knn_float32
 
 
 def brute_force(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool):

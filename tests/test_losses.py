@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 
-from idml.losses import ProxyAnchorLoss, mixup_batch, mixup_loss
+from idml.method.losses import ProxyAnchorLoss, mixup_batch, mixup_loss
 
 
 def _batch(seed=0, n=24, d=16, c=6):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idml import metric
+from idml.method import metric
 
 
 def _unit(rng, n, d):

@@ -8,7 +8,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
-from idml.losses import LOSSES, PMLLoss, build_loss, mixup_loss
+from idml.method.losses import LOSSES, PMLLoss, build_loss, mixup_loss
 
 C, PER_CLASS, E, U, IN = 4, 8, 16, 16, 10
 N = C * PER_CLASS

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from idml import cli
-from idml.data import LabeledTensors
-from idml.datasets import Records
-from idml.images import CachedImageDataset, DecodedCache, ImageDataset
-from idml.models import DIGITS_SPEC, create_model
-from idml.report import TOP_K, _thumbnail, pick_examples
+from idml.data.images import CachedImageDataset, DecodedCache, ImageDataset
+from idml.data.readers import Records
+from idml.data.splits import LabeledTensors
+from idml.method.model import DIGITS_SPEC, create_model
+from idml.serving.report import TOP_K, _thumbnail, pick_examples
 
 EXAMPLES = 4
 
@@ -382,7 +382,7 @@ def test_report_of_a_query_gallery_run(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_training_plot_adds_validation_panel() -> None:
-    from idml.report import plot_training
+    from idml.serving.report import plot_training
 
     epochs = [{"epoch": e, "loss": 3.0 - e, "images_per_s": 100.0 + e} for e in (1, 2)]
     two = _data_uri_image(plot_training(epochs))

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from idml.checkpoint import load_checkpoint
+from idml.core.checkpoint import load_checkpoint
 
 ARGS = ["--epochs", "5", "--no-progress", "--device", "cpu", "--seed", "4"]
 

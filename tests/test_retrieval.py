@@ -9,8 +9,8 @@ from test_inference import make_checkpoint, make_class_folder
 
 import idml
 from idml.cli import main
-from idml.inference import EmbeddingSet, load_embeddings
-from idml.retrieval import (
+from idml.serving.embedder import EmbeddingSet, load_embeddings
+from idml.serving.search import (
     IndexFormatError,
     build_index,
     check_compatible,

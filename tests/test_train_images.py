@@ -8,7 +8,7 @@ from PIL import Image
 from test_datasets import make_cub, make_inshop
 
 from idml.cli import main
-from idml.config import resolve_config
+from idml.core.config import resolve_config
 
 TINY = [
     "--backbone", "resnet18", "--pretrained", "none", "--image-size", "32",

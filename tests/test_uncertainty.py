@@ -1,5 +1,5 @@
-"""Tests of ``idml.uncertainty`` against independent computations (hand-worked curves, closed
-forms, brute force over tie orders, NumPy nearest neighbours, pair counting)."""
+"""Tests of ``idml.evaluation.uncertainty`` against independent computations (hand-worked curves,
+closed forms, brute force over tie orders, NumPy nearest neighbours, pair counting)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 from test_evaluate import _normalised
 
-from idml.uncertainty import (
+from idml.evaluation.uncertainty import (
     format_uncertainty_table,
     mixup_ambiguity_auroc,
     query_correct,

@@ -1,4 +1,4 @@
-"""Command-line interface: a thin layer over :mod:`idml.train` and :mod:`idml.evaluate`."""
+"""Command-line interface: a thin layer over the library; only this module speaks of flags."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import fields
 from typing import Any
 
 from idml import __version__
-from idml.config import PRESETS, RunConfig, resolve_config
-from idml.download import DATASETS
+from idml.core.config import PRESETS, RunConfig, resolve_config
+from idml.data.download import DATASETS
 
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from idml.train import resume_config, train
+    from idml.training.run import resume_config, train
 
     if args.resume is not None:
         train(resume_config(args.resume), resume=args.resume)
@@ -118,8 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from idml.train import evaluate_checkpoint, format_metrics_table
-    from idml.uncertainty import format_uncertainty_table
+    from idml.evaluation.uncertainty import format_uncertainty_table
+    from idml.training.run import evaluate_checkpoint, format_metrics_table
 
     metrics, recorded, unc = evaluate_checkpoint(args.checkpoint, device=args.device)
     if args.json:
@@ -140,7 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from idml.download import download_dataset
+    from idml.data.download import download_dataset
 
     folder = download_dataset(
         args.name, args.root, base_url=args.base_url, progress=not args.no_progress
@@ -151,7 +151,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from idml.export import (
+    from idml.serving.export import (
         MissingDependency,
         default_image_size,
         example_input,
@@ -175,7 +175,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from idml.report import write_report
+    from idml.serving.report import write_report
 
     path = write_report(args.run_dir, args.out, device=args.device, examples=args.examples)
     print(f"wrote {path}")
@@ -222,7 +222,7 @@ def _add_retrieval_parsers(sub: Any) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from idml.inference import embed_source, embed_split, load, read_source, save_embeddings
+    from idml.serving.embedder import embed_source, embed_split, load, read_source, save_embeddings
 
     if (args.source is None) == (args.split is None):
         raise ValueError("give either SOURCE (a folder or CSV manifest) or --split, not both")
@@ -242,8 +242,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from idml.inference import load_embeddings
-    from idml.retrieval import build_index, save_index
+    from idml.serving.embedder import load_embeddings
+    from idml.serving.search import build_index, save_index
 
     ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
     if args.kind != "ivf" and any(v is not None for v in ivf):
@@ -264,8 +264,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from idml.inference import load
-    from idml.retrieval import format_results, load_index, search_images
+    from idml.serving.embedder import load
+    from idml.serving.search import format_results, load_index, search_images
 
     index = load_index(args.index)
     embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
-from idml.metric import float32_region
+from idml.method.metric import float32_region
 
 #: Unit roundoff of bfloat16 (8 significant bits, round to nearest).
 BF16_UNIT_ROUNDOFF = 2.0**-8

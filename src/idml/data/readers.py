@@ -465,8 +465,8 @@ def _archive_stamp(archive: Path) -> dict[str, object]:
 
 def _safe_extract(archive: Path, dest: Path) -> None:
     """The downloader's checked extraction (no escapes, links or bombs), as a DatasetError."""
-    from idml.download import DownloadError
-    from idml.download import extract_archive as checked_extract
+    from idml.data.download import DownloadError
+    from idml.data.download import extract_archive as checked_extract
 
     try:
         checked_extract(archive, dest, kind="tar")

@@ -137,7 +137,7 @@ def load_digits_splits(
 
 
 def _subset(records: Any, mask: list[bool]) -> Any:
-    """The records where ``mask`` is true (a :class:`idml.datasets.Records`)."""
+    """The records where ``mask`` is true (a :class:`idml.data.readers.Records`)."""
     keep = [i for i, m in enumerate(mask) if m]
     return type(records)([records.paths[i] for i in keep], [records.labels[i] for i in keep])
 
@@ -164,14 +164,14 @@ def load_image_splits(
     needs, and kept (and persisted under the idml cache folder) as uint8 tensors: the paper's
     transforms then run on small tensors instead of full JPEG decodes every epoch.
     """
-    from idml.datasets import DatasetError, Records, cache_root, read_dataset, validate_images
-    from idml.images import (
+    from idml.data.images import (
         CachedImageDataset,
         ImageDataset,
         build_transforms,
         cache_images,
         test_crop_fraction,
     )
+    from idml.data.readers import DatasetError, Records, cache_root, read_dataset, validate_images
 
     if root is None and name == "csv" and csv is not None:
         root, csv = csv, None  # the manifest alone: its paths are relative to its folder

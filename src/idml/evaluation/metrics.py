@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
-from idml.knn import knn
+from idml.evaluation.knn import knn
 
 #: Recall@K depths of the CUB-200-2011 / Cars196 protocol (SOP uses 1, 10, 100, 1000).
 DEFAULT_KS = (1, 2, 4, 8)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from idml.models import IntrospectiveNet
+from idml.method.model import IntrospectiveNet
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -66,7 +66,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[IntrospectiveNet, Any]:
     The network is built with ``pretrained="none"``: every weight comes from the checkpoint,
     nothing is downloaded and no data set is read.
     """
-    from idml.inference import trained_model
+    from idml.serving.embedder import trained_model
 
     model, cfg = trained_model(path)
     return model.eval(), cfg

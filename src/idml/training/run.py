@@ -22,28 +22,28 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from idml.checkpoint import save_checkpoint
-from idml.config import RunConfig, as_dict
-from idml.data import (
+from idml.core.checkpoint import save_checkpoint
+from idml.core.config import RunConfig, as_dict
+from idml.data.images import make_train_loader
+from idml.data.splits import (
     RetrievalSplits,
     labels_of,
     load_digits_splits,
     load_image_splits,
     random_affine,
 )
-from idml.distributed import Distributed, process_group
-from idml.evaluate import evaluation_depth, query_gallery_metrics, retrieval_metrics
-from idml.images import make_train_loader
-from idml.knn import knn
-from idml.losses import build_loss, mixup_batch, mixup_loss
-from idml.models import IntrospectiveNet, create_model
-from idml.uncertainty import (
+from idml.evaluation.knn import knn
+from idml.evaluation.metrics import evaluation_depth, query_gallery_metrics, retrieval_metrics
+from idml.evaluation.uncertainty import (
     format_uncertainty_table,
     mixup_ambiguity_auroc,
     query_correct,
     uncertainty_report,
     uncertainty_score,
 )
+from idml.method.losses import build_loss, mixup_batch, mixup_loss
+from idml.method.model import IntrospectiveNet, create_model
+from idml.training.distributed import Distributed, process_group
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -122,7 +122,7 @@ def mixup_uncertainty(
     """``||u||^2`` of every image blended 50/50 with another image of the same batch.
 
     Deliberately ambiguous inputs: a useful uncertainty scores them above the clean images
-    (see :func:`idml.uncertainty.mixup_ambiguity_auroc`). Partners come from a generator
+    (see :func:`idml.evaluation.uncertainty.mixup_ambiguity_auroc`). Partners come from a generator
     seeded with ``cfg.seed``, so the check is reproducible.
     """
     was_training = model.training
@@ -275,7 +275,7 @@ def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     elif (cfg.margin, cfg.scale) != (RunConfig.margin, RunConfig.scale):
         raise ValueError(
             f"margin/scale are Proxy-Anchor's; --loss {cfg.loss} uses its own defaults "
-            "(see idml.losses), so leave --margin and --scale unset"
+            "(see idml.method.losses), so leave --margin and --scale unset"
         )
     elif cfg.mode == "reference":
         raise ValueError(
@@ -431,7 +431,7 @@ def _set_rng_state(state: dict[str, Any], loader: DataLoader,
 
 def resume_config(run_dir: str | Path) -> RunConfig:
     """The resolved config of an interrupted run (its ``config.yaml``)."""
-    from idml.config import config_from_dict
+    from idml.core.config import config_from_dict
 
     path = Path(run_dir) / "config.yaml"
     if not (Path(run_dir) / RESUME_FILE).is_file():
@@ -501,7 +501,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> TrainResult:
     equals that of an uninterrupted run.
 
     Under ``torchrun`` (or in an initialised process group) the processes train one model
-    data-parallel (see :mod:`idml.distributed`): ``cfg.batch_size`` is the global batch,
+    data-parallel (see :mod:`idml.training.distributed`): ``cfg.batch_size`` is the global batch,
     process 0 alone evaluates, logs and writes the run folder, and every process returns
     the same result.
     """
@@ -521,7 +521,7 @@ def _train(
 ) -> TrainResult:
     seed_everything(cfg.seed)
     if resume is not None:
-        from idml.checkpoint import load_checkpoint
+        from idml.core.checkpoint import load_checkpoint
 
         run_dir = Path(resume)
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
@@ -725,8 +725,8 @@ def evaluate_checkpoint(
     at training time (``None`` if absent); ``uncertainty`` holds the risk-coverage report
     and the mixup ambiguity AUROC.
     """
-    from idml.checkpoint import load_checkpoint
-    from idml.config import config_from_dict
+    from idml.core.checkpoint import load_checkpoint
+    from idml.core.config import config_from_dict
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(dict(ckpt["config"]), source=str(path))

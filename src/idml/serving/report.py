@@ -83,7 +83,7 @@ class ReportData:
     query_labels: np.ndarray
     scores: np.ndarray  # ||u||^2 of every query
     correct: np.ndarray  # nearest neighbour has the query's label
-    curves: dict[str, dict[str, Any]]  # name -> idml.uncertainty.risk_coverage output
+    curves: dict[str, dict[str, Any]]  # name -> idml.evaluation.uncertainty.risk_coverage output
     most_uncertain: list[int]
     least_uncertain: list[int]
     examples: list[RetrievalExample]
@@ -123,7 +123,7 @@ def _thumbnail(dataset: Dataset, i: int, spec: dict[str, Any]) -> Image.Image:
     records = getattr(dataset, "records", None)
     cache = getattr(dataset, "cache", None)
     if records is not None:
-        from idml.images import load_rgb
+        from idml.data.images import load_rgb
 
         img = load_rgb(records.paths[i])
     elif cache is not None and hasattr(cache, "shapes"):
@@ -178,15 +178,15 @@ def collect_report_data(
 
     ``examples``: number of retrieval examples and of most / least uncertain thumbnails.
     """
-    from idml.checkpoint import load_checkpoint
-    from idml.config import config_from_dict
-    from idml.train import build, compute_embeddings, select_device
-    from idml.uncertainty import (
+    from idml.core.checkpoint import load_checkpoint
+    from idml.core.config import config_from_dict
+    from idml.evaluation.uncertainty import (
         query_correct,
         risk_coverage,
         semantic_confidence,
         uncertainty_score,
     )
+    from idml.training.run import build, compute_embeddings, select_device
 
     if examples < 1:
         raise ReportError(f"--examples must be at least 1, got {examples}")
@@ -273,7 +273,7 @@ def _neighbours(
     Leave-one-out (``ref`` is the query set): the query itself is removed by index, as in
     the evaluation.
     """
-    from idml.evaluate import knn
+    from idml.evaluation.metrics import knn
 
     if not chosen:
         return []

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from idml.datasets import DATASET_NAMES
+from idml.data.readers import DATASET_NAMES
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RunConfig:
     uncertainty_dim: int | None = None  # default: embedding_dim
     freeze_bn: bool = False
     # loss and metric
-    loss: str = "proxy_anchor"  # any name of idml.losses.LOSSES
+    loss: str = "proxy_anchor"  # any name of idml.method.losses.LOSSES
     metric: str = "introspective"  # semantic (baseline) | introspective
     mode: str = "default"  # default | reference (the authors' release numerics)
     ism_a: float = 5.0

@@ -33,16 +33,16 @@ import torch
 from PIL import Image
 
 from idml import __version__
-from idml.checkpoint import (
+from idml.core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     weights_fingerprint,
 )
-from idml.config import RunConfig, config_from_dict
-from idml.datasets import IMAGE_SUFFIXES, io_threads
-from idml.images import build_transforms, to_rgb, to_storage_mode
-from idml.models import IntrospectiveNet
-from idml.uncertainty import uncertainty_score as _uncertainty_score
+from idml.core.config import RunConfig, config_from_dict
+from idml.data.images import build_transforms, to_rgb, to_storage_mode
+from idml.data.readers import IMAGE_SUFFIXES, io_threads
+from idml.evaluation.uncertainty import uncertainty_score as _uncertainty_score
+from idml.method.model import IntrospectiveNet
 
 EMBEDDINGS_FORMAT = "idml-embeddings"
 EMBEDDINGS_VERSION = 1
@@ -73,8 +73,8 @@ def _digits_transform(spec: dict[str, Any]) -> Any:
     """PIL image -> normalised ``[C, 8, 8]`` as the embedded digits are fed to the model.
 
     scikit-learn's digits are 32x32 bitmaps counted in 4x4 blocks (0..16, ink high), scaled
-    to [0, 1] by :func:`idml.data.load_digits_splits`: the image is converted to grey, reduced
-    to 8x8 by area averaging (``BOX``) and 0..255 is scaled to [0, 1], so light strokes on a
+    to [0, 1] by :func:`idml.data.splits.load_digits_splits`: the image is converted to grey,
+    reduced to 8x8 by area averaging (``BOX``) and 0..255 is scaled to [0, 1], so light strokes on a
     dark background (as the data set stores them) map to high values. No inversion.
     """
     chans, height, width = tuple(spec["input_size"])
@@ -106,7 +106,7 @@ class Embedder:
     """A trained IDML model ready to embed images (see :func:`load`).
 
     Attributes: ``model`` (eval mode, on ``device``), ``config`` (the checkpoint's
-    :class:`~idml.config.RunConfig`), ``checkpoint`` (its path), ``fingerprint`` (16 hex digits
+    :class:`~idml.core.config.RunConfig`), ``checkpoint`` (its path), ``fingerprint`` (16 hex digits
     identifying the weights and test-time preprocessing), ``batch_size``.
     """
 
@@ -233,7 +233,7 @@ def trained_model(checkpoint: str | os.PathLike) -> tuple[IntrospectiveNet, RunC
     """The trained model of a ``checkpoint.pt`` (CPU) and its config (``pretrained="none"``).
 
     The file is checked whole (CRC of every entry) and read with ``weights_only``: a damaged,
-    foreign or other-version file raises :class:`~idml.checkpoint.CheckpointError` naming it;
+    foreign or other-version file raises :class:`~idml.core.checkpoint.CheckpointError` naming it;
     weights that do not fit the saved config raise ``ValueError``. Nothing is downloaded and
     no data set is read.
     """
@@ -242,7 +242,7 @@ def trained_model(checkpoint: str | os.PathLike) -> tuple[IntrospectiveNet, RunC
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} lacks its 'config' or 'model' entry")
     cfg = config_from_dict(dict(ckpt["config"]), source=str(path))
-    from idml.train import model_from_config
+    from idml.training.run import model_from_config
 
     cfg = dataclasses.replace(cfg, pretrained="none")
     model = model_from_config(cfg)
@@ -261,11 +261,11 @@ def load(
     """Rebuild the model of a ``checkpoint.pt`` written by ``idml train`` for inference.
 
     The file is checked whole (CRC of every entry) and read with ``weights_only``: a damaged,
-    foreign or other-version file raises :class:`~idml.checkpoint.CheckpointError` naming it;
+    foreign or other-version file raises :class:`~idml.core.checkpoint.CheckpointError` naming it;
     weights that do not fit the saved config raise ``ValueError``. No pretrained weights are
     fetched. ``device``: auto, cpu, cuda, cuda:N or mps.
     """
-    from idml.train import select_device
+    from idml.training.run import select_device
 
     path = Path(checkpoint)
     model, cfg = trained_model(path)
@@ -548,7 +548,7 @@ def embed_split(
     """
     cfg = embedder.config
     if cfg.dataset == "digits":
-        from idml.data import load_digits_splits
+        from idml.data.splits import load_digits_splits
 
         spec = embedder.model.input_spec
         splits = load_digits_splits(tuple(spec["mean"]), tuple(spec["std"]), 0.0, False)
@@ -564,7 +564,7 @@ def embed_split(
             make_meta(embedder, len(paths), class_names=source.class_names,
                       source=f"digits:{split}"),
         )
-    from idml.datasets import read_dataset
+    from idml.data.readers import read_dataset
 
     root, csv = cfg.data_root, cfg.csv
     if root is None and cfg.dataset == "csv" and csv is not None:

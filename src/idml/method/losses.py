@@ -3,7 +3,7 @@
 Every loss is an ``nn.Module`` called as ``loss(semantic, uncertainty, labels)``; build one by
 name with :func:`build_loss` (the registry is :data:`LOSSES`). Proxy-Anchor is written out
 here (:class:`ProxyAnchorLoss`); every other loss is pytorch-metric-learning's, given
-:class:`idml.distances.IntrospectiveDistance` in place of its usual distance and wrapped by
+:class:`idml.method.distances.IntrospectiveDistance` in place of its usual distance and wrapped by
 :class:`PMLLoss`.
 """
 
@@ -20,8 +20,8 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 from torch import nn
 
-from idml.distances import IntrospectiveDistance
-from idml.metric import (
+from idml.method.distances import IntrospectiveDistance
+from idml.method.metric import (
     RELEASE_A,
     RELEASE_B,
     BetaVariant,
@@ -43,9 +43,9 @@ class ProxyAnchorLoss(nn.Module):
     """Proxy-Anchor loss (Kim et al., CVPR 2020) on the semantic or introspective similarity.
 
     ``metric="semantic"`` is the plain baseline (cosine similarity to proxies);
-    ``metric="introspective"`` replaces it by the ISM of :mod:`idml.metric`, everything else
+    ``metric="introspective"`` replaces it by the ISM of :mod:`idml.method.metric`, everything else
     identical. ``reference=True`` reproduces the authors' release numerics (see
-    :func:`idml.metric.proxy_introspective_similarity`).
+    :func:`idml.method.metric.proxy_introspective_similarity`).
 
     Call as ``loss(semantic, uncertainty, labels)``; labels are class indices in
     ``[0, num_classes)``.
@@ -141,7 +141,7 @@ class PMLLoss(nn.Module):
 
     ``metric="semantic"``: the PML modules see the semantic embeddings only.
     ``metric="introspective"``: they see ``cat([semantic, uncertainty], 1)`` and compare it
-    through an :class:`~idml.distances.IntrospectiveDistance`.
+    through an :class:`~idml.method.distances.IntrospectiveDistance`.
 
     The miner sees the same embeddings and (by construction in :func:`build_loss`) the same
     distance object as the loss, unless ``mine_semantic=True``: then it sees the semantic

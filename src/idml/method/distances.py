@@ -6,7 +6,7 @@ whether larger means closer). :class:`IntrospectiveDistance` honours that contra
 embeddings that carry both heads side by side, ``x = cat([semantic, uncertainty], dim=1)``,
 so every PML loss and miner that only reads the matrix can use the ISM unchanged.
 
-The formulas themselves live in :mod:`idml.metric`; this module only splits, normalises and
+The formulas themselves live in :mod:`idml.method.metric`; this module only splits, normalises and
 delegates.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance
 
-from idml.metric import (
+from idml.method.metric import (
     RELEASE_A,
     RELEASE_B,
     BetaVariant,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from idml.evaluate import knn
+from idml.evaluation.metrics import knn
 
 #: Coverages at which Recall@1 of the most confident queries is reported.
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)

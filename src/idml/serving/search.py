@@ -5,7 +5,7 @@ The index searches the unit-norm semantic embeddings by inner product (= cosine)
 ``nprobe`` cells visited per query) or ``hnsw`` (``IndexHNSWFlat``, a proximity graph). Each
 result carries its cosine similarity, its Euclidean distance on the unit sphere
 ``sqrt(2 - 2 cos)`` and its introspective similarity with the query (the ISM of
-:mod:`idml.metric`, cosine form, with the model's ``a``, ``b`` and uncertainty distance), and
+:mod:`idml.method.metric`, cosine form, with the model's ``a``, ``b`` and uncertainty distance), and
 each query its confidence: its uncertainty ``||u||^2`` and the semantic gap ``cos_1 - cos_2``
 of its first two neighbours. ``rerank="introspective"`` takes a shortlist from faiss and
 orders it by the ISM.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from idml import __version__
-from idml.inference import Embedder, EmbeddingSet, collect_images
-from idml.metric import RELEASE_A, RELEASE_B, introspective_distance, uncertainty_distance
+from idml.method.metric import RELEASE_A, RELEASE_B, introspective_distance, uncertainty_distance
+from idml.serving.embedder import Embedder, EmbeddingSet, collect_images
 
 INDEX_FORMAT = "idml-index"
 INDEX_VERSION = 1

@@ -2,12 +2,12 @@
 
 :class:`Distributed` describes this process's place in the job and holds every collective
 that training needs. A plain single-process run gets ``Distributed()`` (one process), where
-each method is the identity or a direct call, so :func:`idml.train.train` has one code path.
+each method is the identity or a direct call, so :func:`idml.training.run.train` has one code path.
 
 How a step equals the single-process step on the same global batch:
 
 - every process builds the same global batch sequence and takes its slice
-  (:class:`idml.images.ShardedBatchSampler`);
+  (:class:`idml.data.images.ShardedBatchSampler`);
 - :meth:`Distributed.gather` concatenates the embeddings of all processes in rank order with
   autograd, so each process computes the loss of the whole global batch (pair losses and
   their miners, and Proxy-Anchor, see every sample). Its backward sums the gradients of all
@@ -263,8 +263,8 @@ def process_group(ctx: Distributed, device: torch.device) -> Iterator[None]:
     """Initialise the process group for ``ctx`` (NCCL on CUDA, gloo otherwise) unless one
     exists, and destroy the one it created on exit, also on errors.
 
-    Who creates the group for :func:`idml.train.train` must import torchvision (e.g.
-    ``idml.train``) first: imported after ``init_process_group``, torchvision keeps gloo's
+    Who creates the group for :func:`idml.training.run.train` must import torchvision (e.g.
+    ``idml.training.run``) first: imported after ``init_process_group``, torchvision keeps gloo's
     threads alive past ``destroy_process_group`` and the process may abort at exit.
     """
     created = False

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
-from idml.datasets import DatasetError, Records, fingerprint, io_threads
+from idml.data.readers import DatasetError, Records, fingerprint, io_threads
 
 _GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "F"})
 _INTERPOLATIONS = {
