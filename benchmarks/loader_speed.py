@@ -14,19 +14,14 @@ import time
 import torch
 
 from idml.core.config import resolve_config
-from idml.data.images import (
-    CachedImageDataset,
-    ImageDataset,
-    build_transforms,
-    cache_images,
-    loader_throughput,
-    test_crop_fraction,
-)
-from idml.data.readers import cache_root, read_dataset
+from idml.data.cache import cache_root
+from idml.data.images import CachedImageDataset, ImageDataset, cache_images, loader_throughput
+from idml.data.registry import read_dataset
 from idml.data.splits import labels_of
+from idml.data.transforms import build_transforms, test_crop_fraction
 from idml.method.losses import mixup_batch, mixup_loss
 from idml.method.model import create_model
-from idml.training.run import build_loss_for
+from idml.training.factories import build_loss_for
 
 
 def main() -> None:

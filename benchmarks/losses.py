@@ -4,12 +4,14 @@ Fine-tuning the backbone for 15 losses x 2 metrics x 2 seeds x 2 data sets does 
 2-core CPU (one CPU-recipe run of Flowers-102 takes 2-4 minutes, Omniglot ~40). This sweep
 keeps everything of the CPU recipe except that the backbone is frozen: its pooled
 (GAP + GMP) ImageNet features are computed once per data set (test-time transform, cached),
-and only the two heads (and the losses' proxies) train. Mixup then blends pooled features
-instead of images. Rows: ``semantic`` = the loss on cosine / Euclidean distances without
+and only the two heads (and the losses' proxies) train, through the library's own
+``Trainer.train_step`` and the model's ``forward`` (the features enter as 1x1 maps that the
+model's pooling returns unchanged). Mixup then blends pooled features instead of images. Rows: ``semantic`` = the loss on cosine / Euclidean distances without
 mixup (the paper's baseline), ``introspective`` = the IDML version (ISM + mixup).
 
-    python benchmarks/losses.py --preset flowers-cpu --seeds 0 1
-    python benchmarks/losses.py --preset omniglot-cpu --seeds 0 1 --epochs 3
+    IDML_DATA_ROOT=../shared/datasets python benchmarks/losses.py --preset flowers-cpu --seeds 0 1
+    IDML_DATA_ROOT=../shared/datasets python benchmarks/losses.py --preset omniglot-cpu \
+        --seeds 0 1 --epochs 3
 
 Every run is appended to ``--results`` (JSON lines); ``--summary`` prints the table of a
 results file without training.
@@ -26,18 +28,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from idml.core.config import RunConfig, resolve_config
-from idml.data.images import make_train_loader
-from idml.data.readers import cache_root
-from idml.data.splits import labels_of
-from idml.evaluation.metrics import retrieval_metrics
-from idml.method.losses import LOSSES, mixup_batch, mixup_loss
+from idml.core.runtime import seed_everything
+from idml.data.cache import cache_root
+from idml.data.splits import LabeledTensors, RetrievalSplits, labels_of
+from idml.evaluation.evaluator import evaluate_model
+from idml.method.losses import LOSSES
 from idml.method.model import IntrospectiveNet
-from idml.training.run import build, build_loss_for, make_optimizer, seed_everything
+from idml.training.factories import build, build_loss_for
+from idml.training.trainer import Trainer
 
 SEMANTIC_ONLY = {"angular"}  # no introspective version (see idml.method.losses)
 
@@ -72,51 +74,33 @@ def cached_features(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return feats
 
 
-def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor], m_per_class: int) -> dict:
+def as_feature_maps(f: torch.Tensor) -> torch.Tensor:
+    """Pooled features ``[N, F]`` as 1x1 maps that the model pools back to exactly ``f``:
+    GAP + GMP of a 1x1 map is twice its value, and halving is exact in floating point."""
+    return (f / 2)[:, :, None, None]
+
+
+def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor]) -> dict:
+    """Train the two heads (and the loss's proxies) on frozen features with the library's
+    Trainer, then evaluate the test features with its evaluator."""
     seed_everything(cfg.seed)
     f_train, y_train = feats["train"], feats["train_y"]
-    heads = IntrospectiveNet(torch.nn.Identity(), f_train.shape[1], cfg.embedding_dim,
+    model = IntrospectiveNet(torch.nn.Identity(), f_train.shape[1], cfg.embedding_dim,
                              freeze_bn=False)
-    num_classes = int(y_train.max()) + 1
-    loss_fn = build_loss_for(cfg, num_classes)
-    optimizer = make_optimizer(cfg, [], heads.new_parameters(), loss_fn, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
-    loader = make_train_loader(TensorDataset(f_train, y_train), y_train.tolist(),
-                               cfg.batch_size, m_per_class, cfg.seed)
-    mixup_gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def embed(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.normalize(heads.semantic_head(f), dim=1), heads.uncertainty_head(f)
-
+    splits = RetrievalSplits(
+        train=LabeledTensors(as_feature_maps(f_train), y_train),
+        test=LabeledTensors(as_feature_maps(feats["test"]), feats["test_y"]),
+        num_train_classes=int(y_train.max()) + 1,
+    )
+    device = torch.device("cpu")
+    trainer = Trainer(cfg, model, build_loss_for(cfg, splits.num_train_classes), splits, device)
     start = time.perf_counter()
-    losses = []
-    for _ in range(cfg.epochs):
-        total, seen = 0.0, 0
-        for f, y in loader:
-            if cfg.mixup:
-                mixed, perm, lam = mixup_batch(f, mixup_gen)
-                s, u = embed(torch.cat([f, mixed]))
-                n = len(f)
-                loss = mixup_loss(loss_fn, (s[:n], u[:n]), (s[n:], u[n:]), y, perm, lam)
-            else:
-                loss = loss_fn(*embed(f), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_value_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            total += float(loss.detach()) * len(y)
-            seen += len(y)
-        scheduler.step()
-        losses.append(total / max(seen, 1))
+    losses = [trainer.run_epoch()["loss"] for _ in range(cfg.epochs)]
     train_s = time.perf_counter() - start
-    with torch.no_grad():
-        s, _ = embed(feats["test"])
-    metrics = retrieval_metrics(s, feats["test_y"], ks=tuple(cfg.eval_ks), seed=cfg.seed)
+    metrics, uncertainty = evaluate_model(model, splits, cfg, device)
     return {"loss": cfg.loss, "metric": cfg.metric, "seed": cfg.seed, "train_s": train_s,
             "mixup": cfg.mixup, "ism_a": cfg.ism_a, "ism_b": cfg.ism_b,
-            "epoch_losses": losses, "final": metrics,
+            "epoch_losses": losses, "final": metrics, "uncertainty": uncertainty,
             "finite": all(x == x and abs(x) != float("inf") for x in losses)}
 
 
@@ -177,7 +161,8 @@ def main() -> None:
         return
 
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                 "lr_step": max(1, args.epochs // 2), "warmup_epochs": 0, "progress": False}
+                 "lr_step": max(1, args.epochs // 2), "warmup_epochs": 0, "progress": False,
+                 "m_per_class": args.m_per_class, "channels_last": False}
     for item in args.set:
         field, _, value = item.partition("=")
         overrides[field] = yaml.safe_load(value)
@@ -193,8 +178,7 @@ def main() -> None:
                 cfg = dataclasses.replace(base, loss=loss, metric=metric, seed=seed,
                                           mixup={"paper": metric == "introspective",
                                                  "on": True, "off": False}[args.mixup])
-                row = {"preset": args.preset, "epochs": args.epochs, **run_one(
-                    cfg, feats, args.m_per_class)}
+                row = {"preset": args.preset, "epochs": args.epochs, **run_one(cfg, feats)}
                 rows.append(row)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

@@ -9,9 +9,9 @@ fixed batches after warm-up steps:
   AdamW, ``loss.item()`` every step (a host sync);
 * one forward of clean + mixed images (BatchNorm is frozen, so this equals two passes) and
   channels-last activations, BatchNorm still in eval mode;
-* ``idml``: what idml's training does -- the
-  above with frozen BatchNorm *modules* (a per-channel
-  affine map, timm's ``FrozenBatchNorm2d``) and fused AdamW, no host sync;
+* ``idml``: the library's own step, ``idml.training.trainer.Trainer.train_step`` -- the above
+  with frozen BatchNorm *modules* (a per-channel affine map, timm's ``FrozenBatchNorm2d``) and
+  fused AdamW, no host sync;
 * ``idml bf16``: the same under ``--precision bf16`` autocast (the ISM stays float32).
 
 Also prints where the time of an ``idml`` step goes (torch.profiler, top operators).
@@ -22,14 +22,18 @@ Also prints where the time of an ``idml`` step goes (torch.profiler, top operato
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
-from idml.core.config import resolve_config
+from idml.core.config import RunConfig, resolve_config
+from idml.core.runtime import autocast
+from idml.data.splits import LabeledTensors, RetrievalSplits
 from idml.method.losses import mixup_batch, mixup_loss
-from idml.method.model import create_model
-from idml.training.run import autocast, build_loss_for
+from idml.method.model import create_model, model_from_config
+from idml.training.factories import build_loss_for
+from idml.training.trainer import Trainer
 
 
 def make_parts(cfg, channels_last: bool, fused: bool, frozen_modules: bool = True):
@@ -55,6 +59,18 @@ def make_parts(cfg, channels_last: bool, fused: bool, frozen_modules: bool = Tru
     return model, loss_fn, optimizer
 
 
+def idml_trainer(cfg: RunConfig, precision: str, batches) -> Trainer:
+    """The library's Trainer on the recipe's model and loss (its ``train_step`` is timed)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(cfg, precision=precision)
+    model = model_from_config(cfg, in_chans=3)
+    images, labels = batches[0]
+    splits = RetrievalSplits(train=LabeledTensors(images, labels), test=None,
+                             num_train_classes=51)
+    return Trainer(cfg, model, build_loss_for(cfg, num_classes=51), splits,
+                   torch.device("cpu"))
+
+
 def step(model, loss_fn, optimizer, images, labels, gen, *, batched: bool, channels_last: bool,
          precision: str, sync: bool, clip: float) -> None:
     if channels_last:
@@ -77,6 +93,26 @@ def step(model, loss_fn, optimizer, images, labels, gen, *, batched: bool, chann
         loss.item()
 
 
+def time_steps(run_step, batches, warmup: int) -> float:
+    """Seconds for one pass over ``batches``, after ``warmup`` untimed steps."""
+    for images, labels in batches[:warmup]:
+        run_step(images, labels)
+    start = time.perf_counter()
+    for images, labels in batches:
+        run_step(images, labels)
+    return time.perf_counter() - start
+
+
+def competitor(cfg: RunConfig, v: dict):
+    """One step function of the hand-written variants (the naive step and its first fixes)."""
+    model, loss_fn, optimizer = make_parts(cfg, v["channels_last"], v["fused"], v["frozen"])
+    mix_gen = torch.Generator().manual_seed(1)
+    run = dict(batched=v["batched"], channels_last=v["channels_last"], precision="fp32",
+               sync=v["sync"], clip=cfg.grad_clip)
+    return lambda images, labels: step(model, loss_fn, optimizer, images, labels, mix_gen,
+                                       **run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -89,33 +125,18 @@ def main() -> None:
                 torch.arange(cfg.batch_size // 4).repeat_interleave(4))
                for _ in range(args.steps)]
     variants = {
-        "naive (2 forwards, NCHW, eval-mode BN, sync)": dict(
-            batched=False, channels_last=False, fused=False, frozen=False, precision="fp32",
-            sync=True),
-        "1 forward, channels-last, eval-mode BN": dict(
-            batched=True, channels_last=True, fused=False, frozen=False, precision="fp32",
-            sync=False),
-        "idml fp32 (+ frozen-BN modules, fused AdamW)": dict(
-            batched=True, channels_last=True, fused=True, frozen=True, precision="fp32",
-            sync=False),
-        "idml bf16": dict(
-            batched=True, channels_last=True, fused=True, frozen=True, precision="bf16",
-            sync=False),
+        "naive (2 forwards, NCHW, eval-mode BN, sync)": lambda: competitor(cfg, dict(
+            batched=False, channels_last=False, fused=False, frozen=False, sync=True)),
+        "1 forward, channels-last, eval-mode BN": lambda: competitor(cfg, dict(
+            batched=True, channels_last=True, fused=False, frozen=False, sync=False)),
+        "idml fp32 (Trainer.train_step)": lambda: idml_trainer(cfg, "fp32", batches).train_step,
+        "idml bf16 (Trainer.train_step)": lambda: idml_trainer(cfg, "bf16", batches).train_step,
     }
     print(f"CPU recipe step: batch {cfg.batch_size} + {cfg.batch_size} mixup images at "
           f"{cfg.image_size} px, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rates = {}
-    for name, v in variants.items():
-        model, loss_fn, optimizer = make_parts(cfg, v["channels_last"], v["fused"], v["frozen"])
-        mix_gen = torch.Generator().manual_seed(1)
-        run = dict(batched=v["batched"], channels_last=v["channels_last"],
-                   precision=v["precision"], sync=v["sync"], clip=cfg.grad_clip)
-        for images, labels in batches[: args.warmup]:
-            step(model, loss_fn, optimizer, images, labels, mix_gen, **run)
-        start = time.perf_counter()
-        for images, labels in batches:
-            step(model, loss_fn, optimizer, images, labels, mix_gen, **run)
-        elapsed = time.perf_counter() - start
+    for name, make in variants.items():
+        elapsed = time_steps(make(), batches, args.warmup)
         rates[name] = args.steps * cfg.batch_size / elapsed
         print(f"{name:46s} {rates[name]:7.1f} train images/s ({elapsed / args.steps:.2f} s/step)",
               flush=True)
@@ -126,14 +147,11 @@ def main() -> None:
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        model, loss_fn, optimizer = make_parts(cfg, True, True)
-        mix_gen = torch.Generator().manual_seed(1)
-        run = dict(batched=True, channels_last=True, precision="fp32", sync=False,
-                   clip=cfg.grad_clip)
-        step(model, loss_fn, optimizer, *batches[0], mix_gen, **run)
+        train_step = idml_trainer(cfg, "fp32", batches).train_step
+        train_step(*batches[0])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for images, labels in batches[:3]:
-                step(model, loss_fn, optimizer, images, labels, mix_gen, **run)
+                train_step(images, labels)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

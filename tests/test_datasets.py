@@ -1,7 +1,10 @@
 """Data-set readers on tiny generated layouts: splits, ids, archives and bad input."""
 
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,12 +13,15 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from idml.data.readers import (
-    DatasetError,
-    Records,
-    extract_archive,
+from idml.data.cache import extract_once
+from idml.data.images import validate_images
+from idml.data.records import DatasetError, Records, descend_wrapper, ordered_labels
+from idml.data.registry import (
+    DATASET_NAMES,
+    get_dataset,
     read_dataset,
-    validate_images,
+    resolve_data_root,
+    resolve_root,
 )
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
@@ -279,12 +285,12 @@ def test_omniglot_from_archive_extracted_once(tmp_path, monkeypatch):
     assert splits.train.paths[0].is_relative_to(tmp_path / "cache" / "omniglot")
     marker = splits.train.paths[0]
     mtime = marker.stat().st_mtime_ns
-    import idml.data.readers as ds
+    import idml.data.cache as cache
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise AssertionError("extracted twice")
 
-    monkeypatch.setattr(ds, "_safe_extract", fail)
+    monkeypatch.setattr(cache, "extract_archive", fail)
     check_omniglot(read_dataset("omniglot", archive))
     assert marker.stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["omniglot"]  # no temp left
@@ -317,7 +323,7 @@ def test_malicious_archive_is_rejected_and_leaves_nothing(tmp_path, kind):
     _tar_with(archive, member, data)
     target = tmp_path / "cache" / "omniglot"
     with pytest.raises(DatasetError, match="refusing|link"):
-        extract_archive(archive, target)
+        extract_once(archive, target)
     assert not target.exists()
     assert list((tmp_path / "cache").iterdir()) == []
     assert not (tmp_path / "escape.png").exists()
@@ -423,6 +429,142 @@ def test_unknown_name_and_misplaced_options(tmp_path):
         read_dataset("cub", tmp_path, train_classes="0.5")
 
 
+def test_integer_labels_order_is_independent_of_hash_seed(tmp_path):
+    # "1", "01" and "001" are all 1 under int(): their order must not follow set order, which
+    # changes with PYTHONHASHSEED. Each run reads the manifest in a fresh interpreter.
+    write_image(tmp_path / "data" / "a.png")
+    labels = ["10", "1", "2", "01", "010", "02", "001", "3"]
+    manifest = write_csv(tmp_path, [f"a.png,{c}" for c in labels], header="path,label")
+    script = (
+        "import json, sys\n"
+        "from idml.data.registry import read_dataset\n"
+        "s = read_dataset('csv', sys.argv[1])\n"
+        "print(json.dumps([s.class_names, s.train.labels, s.test.labels]))\n"
+    )
+    outputs = []
+    for seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run([sys.executable, "-c", script, str(manifest)], env=env,
+                             capture_output=True, text=True, check=True)
+        outputs.append(json.loads(run.stdout))
+    assert outputs[0] == outputs[1]
+    names, train, test = outputs[0]
+    assert list(names.values()) == ["001", "01", "1", "02", "2", "3", "010", "10"]
+    assert train == [2, 1, 3, 0] and test == [7, 4, 6, 5]  # ids in manifest row order
+    assert ordered_labels(["b", "10", "a"]) == ["10", "a", "b"]  # not all integers: as text
+
+
+def test_registry_lists_every_readable_data_set():
+    assert DATASET_NAMES[0] == "digits" and get_dataset("digits").reader is None
+    for name in DATASET_NAMES[1:]:
+        assert get_dataset(name).reader is not None, name
+    assert {n for n in DATASET_NAMES if get_dataset(n).train_classes} == {"folder", "csv"}
+    assert get_dataset("flowers102").root_names == ("flowers102",)
+    with pytest.raises(DatasetError, match="embedded"):
+        read_dataset("digits", ".")
+
+
+def test_resolve_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("IDML_DATA_ROOT", raising=False)
+    assert resolve_data_root("cub", str(tmp_path)) == tmp_path  # explicit wins
+    with pytest.raises(DatasetError, match="data_root.*IDML_DATA_ROOT") as err:
+        resolve_data_root("cub", None)
+    assert "--" not in str(err.value)  # a library message names parameters, not flags
+    monkeypatch.setenv("IDML_DATA_ROOT", str(tmp_path))
+    with pytest.raises(DatasetError, match="IDML_DATA_ROOT=.*omniglot, omniglot.tar.gz"):
+        resolve_data_root("omniglot", None)
+    (tmp_path / "omniglot.tar.gz").write_bytes(b"")
+    assert resolve_data_root("omniglot", None) == tmp_path / "omniglot.tar.gz"
+    (tmp_path / "omniglot").mkdir()
+    assert resolve_data_root("omniglot", None) == tmp_path / "omniglot"  # first name first
+    with pytest.raises(DatasetError, match="data_root.*IDML_DATA_ROOT does not apply"):
+        resolve_data_root("folder", None)
+    # A manifest alone is its own root; otherwise the data root is resolved.
+    assert resolve_root("csv", None, "m.csv") == (Path("m.csv"), None)
+    assert resolve_root("csv", str(tmp_path), "m.csv") == (tmp_path, "m.csv")
+
+
+def test_data_set_under_idml_data_root(tmp_path, monkeypatch):
+    make_cub(tmp_path)
+    monkeypatch.setenv("IDML_DATA_ROOT", str(tmp_path))
+    splits = read_dataset("cub", resolve_data_root("cub", None))
+    assert sorted(set(splits.train.labels)) == [3, 99]
+
+
+def test_wrapper_descent_rule(tmp_path):
+    write_image(tmp_path / "wrap" / "inner" / "cls" / "a.png")
+    assert descend_wrapper(tmp_path / "wrap") == tmp_path / "wrap" / "inner"
+    write_image(tmp_path / "one" / "cls" / "a.png")  # a single class folder is not a wrapper
+    assert descend_wrapper(tmp_path / "one") == tmp_path / "one"
+    write_image(tmp_path / "loose" / "x.png")  # nor is a folder with images of its own
+    write_image(tmp_path / "loose" / "inner" / "cls" / "a.png")
+    assert descend_wrapper(tmp_path / "loose") == tmp_path / "loose"
+
+
+# ----------------------------------------------------------------------------------------------
+# Oxford Flowers-102
+
+
+FLOWER_CLASSES = (1, 2, 51, 52, 60, 102)
+
+
+def make_flowers_official(root, labels=(2, 1, 52, 51, 60, 102, 1, 52)):
+    for i in range(1, len(labels) + 1):
+        write_image(root / "jpg" / f"image_{i:05d}.jpg")
+    scipy.io.savemat(root / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
+    return root
+
+
+def make_flowers_folders(root, classes=FLOWER_CLASSES):
+    for c in classes:
+        for k in range(2):
+            write_image(root / "images" / f"{c:03d}.flower_{c}" / f"image_{c * 10 + k:05d}.jpg")
+    return root
+
+
+def test_flowers102_official_layout(tmp_path):
+    root = make_flowers_official(tmp_path / "flowers102")
+    for given in (root, tmp_path):  # also inside a wrapper folder (torchvision's flowers-102/)
+        splits = read_dataset("flowers102", given)
+        assert splits.train.labels == [2, 1, 51, 1] and splits.test.labels == [52, 60, 102, 52]
+        assert [p.name for p in splits.train.paths] == [
+            "image_00001.jpg", "image_00002.jpg", "image_00004.jpg", "image_00007.jpg"
+        ]
+        assert splits.train.paths[0] == root / "jpg" / "image_00001.jpg"
+
+
+def test_flowers102_class_folders_match_the_folder_reader(tmp_path):
+    root = make_flowers_folders(tmp_path / "flowers102")
+    splits = read_dataset("flowers102", root)  # descends into images/
+    assert sorted(set(splits.train.labels)) == [1, 2, 51]
+    assert sorted(set(splits.test.labels)) == [52, 60, 102]
+    assert splits.class_names[60] == "flower_60"
+    folder = read_dataset("folder", root, train_classes="0.5")
+    assert splits.train.paths == folder.train.paths and splits.test.paths == folder.test.paths
+
+
+def test_flowers102_label_count_and_missing_jpg_name_the_file(tmp_path):
+    root = make_flowers_official(tmp_path, labels=(1, 2, 52, 60))
+    write_image(root / "jpg" / "image_00005.jpg")  # an image without a label
+    with pytest.raises(DatasetError, match=r"imagelabels.mat has labels for 4 images but .*5"):
+        read_dataset("flowers102", root)
+    scipy.io.savemat(root / "imagelabels.mat", {"labels": np.array([[1, 2, 52, 60, 52, 1]])})
+    with pytest.raises(DatasetError, match=r"image_00006.jpg \(listed at .*labels\[5\]\)"):
+        read_dataset("flowers102", root)
+    scipy.io.savemat(root / "imagelabels.mat", {"labels": np.array([[1, 2, 52, 103, 52]])})
+    with pytest.raises(DatasetError, match=r"imagelabels.mat: labels\[3\] is 103"):
+        read_dataset("flowers102", root)
+
+
+def test_flowers102_bad_folders(tmp_path):
+    root = make_flowers_folders(tmp_path)
+    (root / "images" / "pansy").mkdir()
+    with pytest.raises(DatasetError, match="pansy: expected a class folder named NNN.name"):
+        read_dataset("flowers102", root)
+    with pytest.raises(DatasetError, match="not a Flowers-102 folder"):
+        read_dataset("flowers102", tmp_path / "images" / "001.flower_1")
+
+
 # ----------------------------------------------------------------------------------------------
 # Image validation
 
@@ -465,6 +607,15 @@ def test_real_flowers102_split():
     assert {n[:3] for n in train_names} == {f"{i:03d}" for i in range(1, 52)}
     assert {n[:3] for n in test_names} == {f"{i:03d}" for i in range(52, 103)}
     assert len(splits.train) == 3493 and len(splits.test) == 4696
+
+
+@pytest.mark.skipif(not (SHARED / "flowers102").is_dir(), reason="shared flowers102 absent")
+def test_real_flowers102_reader():
+    splits = read_dataset("flowers102", SHARED / "flowers102")
+    assert len(set(splits.train.labels)) == len(set(splits.test.labels)) == 51
+    assert len(splits.train) + len(splits.test) == 8189
+    folder = read_dataset("folder", SHARED / "flowers102", train_classes="0.5")
+    assert splits.train.paths == folder.train.paths and splits.test.paths == folder.test.paths
 
 
 @pytest.mark.skipif(not (SHARED / "omniglot.tar.gz").is_file(), reason="shared omniglot absent")

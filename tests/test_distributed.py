@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +21,11 @@ import torch.multiprocessing as mp
 # destroy_process_group and the process may abort at exit ("terminate called without an
 # active exception"). `idml train` and train() callers import it first anyway.
 import idml.training.run as T
+import idml.training.trainer as trainer_module
 from idml.cli import main
 from idml.core.checkpoint import load_checkpoint
 from idml.core.config import RunConfig
+from idml.core.rundir import RESUME_FILE
 from idml.method.losses import build_loss, mixup_batch, mixup_loss
 from idml.method.model import create_model
 from idml.training.distributed import Distributed
@@ -199,14 +202,14 @@ def _train_worker(rank, init_file, out, resume, crash_after_epoch):
     try:
         torch.set_num_threads(1)
         if crash_after_epoch:  # a crash right after last.pt of that epoch was written
-            real = T.save_checkpoint
+            real = trainer_module.save_checkpoint
 
             def save_then_crash(path, state):
                 real(path, state)
-                if path.name == T.RESUME_FILE and state["epoch"] == crash_after_epoch:
+                if path.name == RESUME_FILE and state["epoch"] == crash_after_epoch:
                     raise RuntimeError("simulated crash")
 
-            T.save_checkpoint = save_then_crash
+            trainer_module.save_checkpoint = save_then_crash
         if resume:
             cfg = T.resume_config(out)
         else:  # the digits defaults (mixup, augmentation, trainable BN), shortened
@@ -217,7 +220,7 @@ def _train_worker(rank, init_file, out, resume, crash_after_epoch):
             assert crash_after_epoch and "simulated crash" in str(exc), exc
             return
         assert not crash_after_epoch
-        assert result.run_dir == T.Path(out) and "recall@1" in result.final  # on every process
+        assert result.run_dir == Path(out) and "recall@1" in result.final  # on every process
     finally:
         dist.destroy_process_group()
 
@@ -257,7 +260,7 @@ def test_mixup_training_resumes_exactly_under_two_processes(tmp_path):
 
 
 def test_batch_must_split_evenly_over_the_processes():
-    from idml.data.images import ShardedBatchSampler
+    from idml.data.loader import ShardedBatchSampler
 
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         ShardedBatchSampler(range(10), 5, rank=0, world_size=2)
@@ -269,7 +272,7 @@ def test_batch_must_split_evenly_over_the_processes():
 def test_sharded_loaders_split_the_single_process_batches(m_per_class):
     """Each process's loader yields its slice of the same global batches (plain shuffle and
     the seeded m-per-class sampler), epoch after epoch."""
-    from idml.data.images import make_train_loader
+    from idml.data.loader import make_train_loader
 
     labels = [i % 7 for i in range(100)]
     data = torch.utils.data.TensorDataset(torch.arange(100), torch.tensor(labels))

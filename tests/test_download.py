@@ -5,6 +5,7 @@ Everything runs against a small HTTP server on 127.0.0.1 started by the tests th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -19,7 +20,7 @@ import pytest
 
 from idml.data import download
 from idml.data.download import (
-    DATASETS,
+    SOURCES,
     DatasetFile,
     DatasetSource,
     DownloadError,
@@ -147,7 +148,7 @@ def _register(monkeypatch, filename: str, data: bytes, **overrides) -> DatasetFi
         **overrides,
     }
     file = DatasetFile(**fields)
-    monkeypatch.setitem(DATASETS, "fake", DatasetSource("fake", "fake_ds", (file,)))
+    monkeypatch.setitem(SOURCES, "fake", DatasetSource("fake", "fake_ds", (file,)))
     return file
 
 
@@ -319,7 +320,7 @@ def test_http_error_names_the_file_and_url(server, root, monkeypatch):
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    with pytest.raises(DownloadError, match="cars, cub, inshop, sop"):
+    with pytest.raises(DownloadError, match="cars, cub, flowers102, inshop, sop"):
         download_dataset("mnist", tmp_path)
 
 
@@ -482,20 +483,56 @@ def test_plain_file_lands_in_its_folder(server, root, monkeypatch):
         produces="Fake/list.txt",
         sha256=hashlib.sha256(text).hexdigest(),
     )
-    monkeypatch.setitem(DATASETS, "fake", DatasetSource("fake", "Fake", (file,)))
+    monkeypatch.setitem(SOURCES, "fake", DatasetSource("fake", "Fake", (file,)))
     assert download_dataset("fake", root, base_url=server.base_url, progress=False) == root / "Fake"
     assert (root / "Fake" / "list.txt").read_bytes() == text
 
 
 def test_registry_names_checksummed_sources():
-    assert {"cub", "cars", "sop", "inshop"} <= set(DATASETS)
-    for source in DATASETS.values():
+    assert {"cub", "cars", "sop", "inshop"} <= set(SOURCES)
+    for source in SOURCES.values():
         for file in source.files:
             assert file.url.startswith(("http://", "https://"))
             assert download._is_within(file.produces, source.folder)
-    assert DATASETS["cub"].layout == ("CUB_200_2011/images.txt",)
-    for name in ("cub", "cars", "sop"):  # published checksums; In-shop has none
-        assert all(f.checksums for f in DATASETS[name].files), name
+    assert SOURCES["cub"].layout == ("CUB_200_2011/images.txt",)
+    for name in ("cub", "cars", "sop", "flowers102"):  # published checksums; In-shop has none
+        assert all(f.checksums for f in SOURCES[name].files), name
+
+
+def test_flowers102_downloads_and_reads_offline(server, root, monkeypatch, tmp_path):
+    # The real source, served from 127.0.0.1: a generated 102flowers.tgz (jpg/...) and
+    # imagelabels.mat, with the fake files' md5s in place of the published ones.
+    import numpy as np
+    import scipy.io
+    from PIL import Image
+
+    from idml.data.registry import read_dataset
+
+    labels = [1, 52, 2, 60, 1]
+    members = {}
+    for i in range(1, len(labels) + 1):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 6), (i, 0, 0)).save(buf, format="JPEG")
+        members[f"jpg/image_{i:05d}.jpg"] = buf.getvalue()
+    scipy.io.savemat(tmp_path / "imagelabels.mat", {"labels": np.array([labels])})
+    published = {"102flowers.tgz": _tar_gz(members),
+                 "imagelabels.mat": (tmp_path / "imagelabels.mat").read_bytes()}
+    real = SOURCES["flowers102"]
+    files = []
+    for file in real.files:
+        assert file.url == "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/" + file.filename
+        server.publish(file.filename, published[file.filename])
+        md5 = hashlib.md5(published[file.filename]).hexdigest()
+        files.append(dataclasses.replace(file, md5=md5))
+    monkeypatch.setitem(SOURCES, "flowers102", dataclasses.replace(real, files=tuple(files)))
+
+    folder = download_dataset("flowers102", root, base_url=server.base_url, progress=False)
+
+    assert folder == root / "flowers102"
+    splits = read_dataset("flowers102", folder)
+    assert splits.train.labels == [1, 2, 1] and splits.test.labels == [52, 60]
+    assert splits.train.paths[1] == folder / "jpg" / "image_00003.jpg"
+    assert splits.train.paths[1].read_bytes() == members["jpg/image_00003.jpg"]
 
 
 def test_dataset_file_rejects_unsafe_fields():

@@ -27,7 +27,11 @@ import torch
 GOLDEN = Path(__file__).parent / "golden" / "digits_seed0.json"
 ARGS = ["train", "--device", "cpu", "--seed", "0", "--no-progress"]
 #: Entries of metrics.json whose definition changed on purpose since the recording.
-CHANGED: dict[str, str] = {}
+CHANGED: dict[str, str] = {
+    # was the mean of 10 seeded random orders; now the exact expectation over all orders
+    # (idml.evaluation.uncertainty.random_reference), as the report always plotted it
+    "uncertainty/risk_coverage/random": "one definition of the random reference",
+}
 
 
 def _platform() -> dict[str, str]:

@@ -10,14 +10,14 @@ from idml.data.images import (
     CachedImageDataset,
     DecodedCache,
     ImageDataset,
-    build_transforms,
     cache_images,
     decode_image,
     load_rgb,
     loader_throughput,
-    make_train_loader,
 )
-from idml.data.readers import DatasetError, Records
+from idml.data.loader import make_train_loader
+from idml.data.records import DatasetError, Records
+from idml.data.transforms import build_transforms
 
 SPEC = {"mean": (0.5, 0.25, 0.125), "std": (0.5, 0.25, 0.5), "crop_pct": 0.875}
 

@@ -9,18 +9,20 @@ from PIL import Image
 
 import idml
 from idml.cli import main
-from idml.core.checkpoint import CheckpointError, save_checkpoint
+from idml.core.checkpoint import save_checkpoint
 from idml.core.config import RunConfig, as_dict, resolve_config
-from idml.data.splits import LabeledTensors, load_digits_splits
+from idml.core.errors import CheckpointError
+from idml.data.digits import load_digits_splits
+from idml.data.splits import LabeledTensors
+from idml.evaluation.evaluator import compute_embeddings
+from idml.method.metric import uncertainty_score
 from idml.method.model import create_model
-from idml.serving.embedder import (
+from idml.serving.embeddings import (
     EmbeddingsError,
     EmbeddingSet,
     load_embeddings,
     save_embeddings,
-    uncertainty_score,
 )
-from idml.training.run import compute_embeddings
 
 IMAGE_SIZE = 28  # test resize 32 (28 / 0.875), centre crop offset 2: exact in pixels
 

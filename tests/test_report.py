@@ -18,7 +18,7 @@ from PIL import Image
 
 from idml import cli
 from idml.data.images import CachedImageDataset, DecodedCache, ImageDataset
-from idml.data.readers import Records
+from idml.data.records import Records
 from idml.data.splits import LabeledTensors
 from idml.method.model import DIGITS_SPEC, create_model
 from idml.serving.report import TOP_K, _thumbnail, pick_examples

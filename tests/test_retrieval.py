@@ -9,17 +9,9 @@ from test_inference import make_checkpoint, make_class_folder
 
 import idml
 from idml.cli import main
-from idml.serving.embedder import EmbeddingSet, load_embeddings
-from idml.serving.search import (
-    IndexFormatError,
-    build_index,
-    check_compatible,
-    format_results,
-    load_index,
-    save_index,
-    search,
-    search_images,
-)
+from idml.serving.embeddings import EmbeddingSet, load_embeddings
+from idml.serving.index import IndexFormatError, build_index, load_index, save_index
+from idml.serving.search import check_compatible, format_results, search, search_images
 
 
 def unit_rows(rng, n, d):

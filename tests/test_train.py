@@ -9,7 +9,9 @@ import yaml
 from idml.cli import main
 from idml.core.checkpoint import load_checkpoint
 from idml.core.config import RunConfig, resolve_config
-from idml.training.run import build, seed_everything, train
+from idml.core.runtime import seed_everything
+from idml.training.factories import build
+from idml.training.run import train
 
 METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "r_precision", "map@r"}
 
@@ -97,7 +99,7 @@ def test_bf16_training_is_finite_and_learns(tmp_path):
 
 
 def test_digits_rotation_classes_extend_training_only():
-    from idml.data.splits import load_digits_splits
+    from idml.data.digits import load_digits_splits
 
     plain = load_digits_splits((0.0,), (1.0,), rotation_classes=False)
     rotated = load_digits_splits((0.0,), (1.0,))
@@ -131,7 +133,7 @@ def test_yaml_reads_exponent_floats(tmp_path):
 
 
 def test_evaluating_a_missing_validation_split_is_an_error():
-    from idml.training.run import evaluate_model
+    from idml.evaluation.evaluator import evaluate_model
 
     cfg = RunConfig(device="cpu")
     model, splits = build(cfg, torch.device("cpu"))
@@ -140,7 +142,7 @@ def test_evaluating_a_missing_validation_split_is_an_error():
 
 
 def test_mixup_uncertainty_scores_5050_blends_within_each_batch():
-    from idml.training.run import mixup_uncertainty
+    from idml.evaluation.evaluator import mixup_uncertainty
 
     cfg = RunConfig(device="cpu", eval_batch_size=64)
     model, splits = build(cfg, torch.device("cpu"))

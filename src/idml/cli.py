@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import fields
 from typing import Any
 
 from idml import __version__
 from idml.core.config import PRESETS, RunConfig, resolve_config
-from idml.data.download import DATASETS
+from idml.data.download import SOURCES
 
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl = data_sub.add_parser(
         "download", help="download and unpack an official data set (resumable, verified)"
     )
-    dl.add_argument("name", choices=sorted(DATASETS))
+    dl.add_argument("name", choices=sorted(SOURCES))
     dl.add_argument("--root", required=True, help="folder to download and unpack into")
     dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -118,8 +119,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from idml.evaluation.evaluator import format_metrics_table
     from idml.evaluation.uncertainty import format_uncertainty_table
-    from idml.training.run import evaluate_checkpoint, format_metrics_table
+    from idml.serving.trained import evaluate_checkpoint
 
     metrics, recorded, unc = evaluate_checkpoint(args.checkpoint, device=args.device)
     if args.json:
@@ -157,10 +159,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         example_input,
         export_model,
         max_difference,
-        model_from_checkpoint,
     )
+    from idml.serving.trained import load_trained
 
-    model, cfg = model_from_checkpoint(args.checkpoint)
+    trained = load_trained(args.checkpoint)
+    model, cfg = trained.model, trained.config
     size = args.image_size or default_image_size(model, cfg)
     path = export_model(model, args.out, args.format, image_size=size, opset=args.opset)
     channels = model.input_spec["input_size"][0]
@@ -222,7 +225,9 @@ def _add_retrieval_parsers(sub: Any) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from idml.serving.embedder import embed_source, embed_split, load, read_source, save_embeddings
+    from idml.data.sources import read_source
+    from idml.serving.embedder import embed_source, embed_split, load
+    from idml.serving.embeddings import save_embeddings
 
     if (args.source is None) == (args.split is None):
         raise ValueError("give either SOURCE (a folder or CSV manifest) or --split, not both")
@@ -242,8 +247,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from idml.serving.embedder import load_embeddings
-    from idml.serving.search import build_index, save_index
+    from idml.serving.embeddings import load_embeddings
+    from idml.serving.index import build_index, save_index
 
     ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
     if args.kind != "ivf" and any(v is not None for v in ivf):
@@ -265,7 +270,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from idml.serving.embedder import load
-    from idml.serving.search import format_results, load_index, search_images
+    from idml.serving.index import load_index
+    from idml.serving.search import format_results, search_images
 
     index = load_index(args.index)
     embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)
@@ -281,6 +287,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Library parameters that are command-line flags of the same name (besides RunConfig's).
+_PARAMETER_FLAGS = ("resume", "examples", "batch_size", "image_size", "split", "kind", "nlist",
+                    "nprobe", "shortlist", "rerank", "k", "opset", "format", "base_url")
+_PARAMETER = re.compile(
+    r"(?<![\w.-])(" + "|".join(sorted({f.name for f in fields(RunConfig)} | set(_PARAMETER_FLAGS),
+                                      key=len, reverse=True)) + r")="
+)
+
+
+def as_flags(message: str, args: argparse.Namespace) -> str:
+    """A library error in the CLI's words: ``data_root='x'`` becomes ``--data-root 'x'``,
+    with a hint where the fix is a flag the message cannot know of."""
+    message = _PARAMETER.sub(lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+    if args.command == "train" and "is not empty; choose another out folder" in message:
+        message += " (--out DIR), or continue it with --resume DIR"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``idml`` console script."""
     args = build_parser().parse_args(argv)
@@ -289,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                    "train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
                    "export": _cmd_export, "report": _cmd_report}[args.command]
         return command(args)
-    except (ValueError, OSError) as exc:  # our errors name the file, flag or field
-        print(f"idml {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # our errors name the file, parameter or field
+        print(f"idml {args.command}: error: {as_flags(str(exc), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"idml {args.command}: interrupted", file=sys.stderr)

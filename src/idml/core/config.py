@@ -9,7 +9,13 @@ from typing import Any
 
 import yaml
 
-from idml.data.readers import DATASET_NAMES
+from idml.core.errors import ConfigError
+
+#: Closed choices of the config itself (data sets and losses are chosen from their registries).
+METRICS = ("semantic", "introspective")
+MODES = ("default", "reference")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BETA_VARIANTS = ("difference", "sum")
 
 
 @dataclass
@@ -67,41 +73,41 @@ class RunConfig:
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU and GPU
 
     def validate(self) -> RunConfig:
-        """Raise ``ValueError`` naming the field for values that cannot work."""
+        """Raise :class:`ConfigError` naming the field for values that cannot work.
+
+        The data set and loss names are checked against their registries where they are
+        used (:func:`idml.training.factories.check_config`).
+        """
         choices = {
-            "dataset": ("digits", *DATASET_NAMES),
-            "metric": ("semantic", "introspective"),
-            "mode": ("default", "reference"),
-            "precision": ("fp32", "bf16", "fp16"),
-            "ism_beta": ("difference", "sum"),
+            "metric": METRICS, "mode": MODES, "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
         positive = ("epochs", "batch_size", "lr", "embedding_dim", "eval_batch_size", "lr_step")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         if self.ism_a <= 0:
-            raise ValueError(f"ism_a must be > 0, got {self.ism_a}")
+            raise ConfigError(f"ism_a must be > 0, got {self.ism_a}")
         if self.ism_b < 0:  # b < 0 makes exp(-(beta + b) / (a d)) blow up as d -> 0
-            raise ValueError(f"ism_b must be >= 0, got {self.ism_b}")
+            raise ConfigError(f"ism_b must be >= 0, got {self.ism_b}")
         if self.uncertainty_dim is not None and self.uncertainty_dim < 1:
-            raise ValueError(f"uncertainty_dim must be >= 1, got {self.uncertainty_dim}")
+            raise ConfigError(f"uncertainty_dim must be >= 1, got {self.uncertainty_dim}")
         for name in ("num_workers", "m_per_class", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("image_size", "proxy_lr_mult", "lr_gamma"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.eval_ks or min(self.eval_ks) < 1:
-            raise ValueError(f"eval_ks must be positive integers, got {self.eval_ks}")
+            raise ConfigError(f"eval_ks must be positive integers, got {self.eval_ks}")
         return self
 
 
@@ -154,7 +160,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return value
     kind = type(default)
     if kind is bool and not isinstance(value, bool):
-        raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
@@ -163,7 +169,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, kind):
-        raise ValueError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
     return value
 
 
@@ -173,17 +179,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of field: value")
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+        raise ConfigError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
     return {k: _coerce(k, v, str(path)) for k, v in data.items()}
 
 
@@ -201,7 +207,7 @@ def resolve_config(
     if preset is None:
         preset = default_preset(overrides.get("dataset", file_values.get("dataset")))
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values: dict[str, Any] = {**PRESETS[preset], **file_values, **overrides}
     return RunConfig(**values).validate()
 
@@ -211,7 +217,7 @@ def config_from_dict(values: dict[str, Any], source: str) -> RunConfig:
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+        raise ConfigError(f"{source}: unknown config field(s) {', '.join(unknown)}")
     return RunConfig(**values).validate()
 
 

@@ -1,2 +1,2 @@
-"""Data: readers of the data sets behind one registry, images and their cache, transforms,
-zero-shot splits, the training loader and verified downloads."""
+"""Data: readers of the data sets behind one registry, embedding sources, images and their
+cache, transforms, zero-shot splits, the training loader and verified downloads."""

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
+from idml.core.errors import IdmlError
+
 ArchiveKind = Literal["tar", "zip"]
 
 CHUNK_BYTES = 1 << 20
@@ -66,7 +68,7 @@ _UNPACK_ERRORS = (
 )
 
 
-class DownloadError(OSError):
+class DownloadError(IdmlError):
     """A data set file that could not be fetched, verified or unpacked; the message names it."""
 
 
@@ -153,7 +155,7 @@ class DatasetSource:
 # Checksums are the ones published with widely used loaders, cited per file; a mismatch is an
 # error, never a warning. The original hosts of Cars196 and SOP have been unreliable: point
 # ``base_url`` at a mirror holding the same file names (the checksums still apply).
-DATASETS: dict[str, DatasetSource] = {
+SOURCES: dict[str, DatasetSource] = {
     "cub": DatasetSource(
         name="cub",
         folder="CUB_200_2011",
@@ -247,6 +249,30 @@ DATASETS: dict[str, DatasetSource] = {
             ),
         ),
     ),
+    "flowers102": DatasetSource(
+        name="flowers102",
+        folder="flowers102",
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+        files=(
+            # URLs and md5s: torchvision.datasets.Flowers102 (_download_url_prefix, _file_dict).
+            # The archive holds jpg/image_00001.jpg ...; read_flowers102 reads the pair.
+            DatasetFile(
+                url="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
+                filename="102flowers.tgz",
+                archive="tar",
+                dest="flowers102",
+                produces="flowers102/jpg",
+                md5="52808999861908f626f3c1f4e79d11fa",
+            ),
+            DatasetFile(
+                url="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat",
+                filename="imagelabels.mat",
+                dest="flowers102",
+                produces="flowers102/imagelabels.mat",
+                md5="e0620be6f572b9609742df49c70aed4d",
+            ),
+        ),
+    ),
 }
 
 
@@ -260,9 +286,9 @@ def download_dataset(
     (a mirror holding the same files, or a test server); the checksums still apply.
     """
     try:
-        source = DATASETS[name]
+        source = SOURCES[name]
     except KeyError:
-        known = ", ".join(sorted(DATASETS))
+        known = ", ".join(sorted(SOURCES))
         raise DownloadError(f"unknown data set {name!r}; known: {known}") from None
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)

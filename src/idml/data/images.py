@@ -1,4 +1,4 @@
-"""Image pipeline: decoding, transforms, a decoded-image cache and the training loader.
+"""Image pipeline: decoding, checking, a decoded-image cache and the image data sets.
 
 Two interchangeable data sets feed the same transforms: :class:`ImageDataset` decodes files
 with PIL on every access; :class:`CachedImageDataset` reads uint8 tensors from a
@@ -10,30 +10,22 @@ through the same tensor operations.
 from __future__ import annotations
 
 import os
-import random
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
-from torchvision.transforms import InterpolationMode, v2
+from torch.utils.data import DataLoader, Dataset
 
-from idml.data.readers import DatasetError, Records, fingerprint, io_threads
+from idml.core.io import atomic_path
+from idml.data.cache import fingerprint
+from idml.data.records import DatasetError, Records
 
 _GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "F"})
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -70,6 +62,60 @@ def load_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img)
 
 
+def io_threads() -> int:
+    """Threads for image decoding (PIL releases the GIL): a few more than the cores."""
+    return min(16, (os.cpu_count() or 1) + 2)
+
+
+def check_image(path: Path) -> str | None:
+    """None if ``path`` decodes completely, else why not.
+
+    ``verify()`` checks structure (and PNG checksums) without decoding; only a full
+    ``load()`` notices a truncated JPEG, so both run. JPEGs are decoded at reduced DCT
+    scale (``draft``): every byte is still read, at a fraction of the cost.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as err:  # PIL raises many types on corrupt files (struct.error, ...)
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def validate_images(
+    records: Records, *, skip_bad: bool, num_threads: int | None = None
+) -> tuple[Records, list[tuple[Path, str]]]:
+    """Decode every image once; return the records that decode and the ``(path, reason)`` bad.
+
+    With ``skip_bad=False`` the first bad image (in record order) raises :class:`DatasetError`
+    naming it; with ``skip_bad=True`` the bad ones are dropped and returned so the caller can
+    report how many were skipped. Decoding runs on a thread pool (PIL releases the GIL).
+    """
+    workers = num_threads or io_threads()
+    bad: list[tuple[Path, str]] = []
+    keep_paths, keep_labels = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for path, label, reason in zip(
+                records.paths, records.labels, pool.map(check_image, records.paths), strict=True
+            ):
+                if reason is None:
+                    keep_paths.append(path)
+                    keep_labels.append(label)
+                    continue
+                if not skip_bad:
+                    raise DatasetError(f"image {path} does not decode ({reason})")
+                bad.append((path, reason))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return Records(keep_paths, keep_labels), bad
+
+
 class ImageDataset(Dataset):
     """``(transform(rgb image), label)`` for each record, decoded with PIL on access."""
 
@@ -84,44 +130,6 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.records.labels[i])
-
-
-def test_crop_fraction(input_spec: dict[str, Any]) -> float:
-    """Fraction of the resized test image that the centre crop keeps (timm's ``crop_pct``)."""
-    return float(input_spec.get("crop_pct") or 0.875)
-
-
-def build_transforms(input_spec: dict[str, Any], image_size: int, train: bool) -> v2.Compose:
-    """The paper's augmentation, for PIL images or uint8 ``[C, H, W]`` tensors.
-
-    Train: ``RandomResizedCrop(image_size)`` + horizontal flip. Test: resize the short side to
-    ``round(image_size / crop_pct)`` then centre-crop ``image_size`` (256 -> 224 at the
-    default ``crop_pct`` 0.875). Then float in [0, 1] normalised with the spec's mean/std
-    (and ``interpolation`` from the spec, default bilinear). A single-channel spec
-    (``input_size[0] == 1``) gets grey inputs.
-    """
-    interpolation = _INTERPOLATIONS.get(
-        str(input_spec.get("interpolation", "bilinear")), InterpolationMode.BILINEAR
-    )
-    steps: list[Any] = [v2.ToImage()]
-    if train:
-        steps += [
-            v2.RandomResizedCrop(image_size, interpolation=interpolation, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        crop_pct = test_crop_fraction(input_spec)
-        steps += [
-            v2.Resize(round(image_size / crop_pct), interpolation=interpolation, antialias=True),
-            v2.CenterCrop(image_size),
-        ]
-    if tuple(input_spec.get("input_size", (3,)))[0] == 1:
-        steps.append(v2.Grayscale(num_output_channels=1))
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(input_spec["mean"]), std=list(input_spec["std"])),
-    ]
-    return v2.Compose(steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,22 +201,15 @@ class DecodedCache:
         return self.data.numel()
 
     def save(self, path: Path) -> None:
-        """Write atomically (temporary file, then rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        os.close(fd)
-        try:
-            state = {
-                "format": _CACHE_FORMAT,
-                "data": self.data,
-                "offsets": self.offsets,
-                "shapes": self.shapes,
-            }
+        """Write atomically (see :func:`idml.core.io.atomic_path`)."""
+        state = {
+            "format": _CACHE_FORMAT,
+            "data": self.data,
+            "offsets": self.offsets,
+            "shapes": self.shapes,
+        }
+        with atomic_path(path) as tmp:
             torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: Path) -> DecodedCache:
@@ -300,129 +301,3 @@ def loader_throughput(
     if start is None or count == 0:
         return 0.0
     return count / max(time.perf_counter() - start, 1e-9)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loader
-
-_PML_RNG_LOCK = threading.Lock()
-
-
-def _m_per_class_sampler_class() -> type:
-    from pytorch_metric_learning.samplers import MPerClassSampler
-    from pytorch_metric_learning.utils import common_functions as c_f
-
-    class SeededMPerClassSampler(MPerClassSampler):
-        """PML's ``MPerClassSampler`` with its own seeded RNG.
-
-        PML draws from the module-level ``c_f.NUMPY_RANDOM`` (the global ``np.random``), so
-        its order depends on whatever else used that RNG. Each ``__iter__`` here swaps in
-        this sampler's ``RandomState`` while PML builds the (eagerly materialised) index
-        list, then restores it: same algorithm, reproducible order per seed, a new order
-        each epoch.
-        """
-
-        def __init__(self, labels, m, batch_size, length_before_new_iter, seed):
-            super().__init__(labels, m, batch_size, length_before_new_iter)
-            self.rng = np.random.RandomState(seed)  # noqa: NPY002 -- PML calls the legacy API
-
-        def __iter__(self):
-            with _PML_RNG_LOCK:
-                saved = c_f.NUMPY_RANDOM
-                c_f.NUMPY_RANDOM = self.rng
-                try:
-                    indices = list(super().__iter__())
-                finally:
-                    c_f.NUMPY_RANDOM = saved
-            return iter(indices)
-
-    return SeededMPerClassSampler
-
-
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Global batches of ``batch_size`` indices from ``sampler``; this process takes its slice.
-
-    Every process draws the same global batches (same sampler, same seed) and keeps rows
-    ``[rank * b, (rank + 1) * b)`` with ``b = batch_size / world_size``, so the union over the
-    processes of one step is the single-process batch, in rank order. Incomplete last
-    batches are dropped. One process: exactly ``BatchSampler(sampler, batch_size, True)``.
-    """
-
-    def __init__(
-        self, sampler: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a job of {world_size} processes")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} is the global batch and must be "
-                             f"divisible by the number of processes ({world_size})")
-        self.sampler, self.batch_size = sampler, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.shard = batch_size // world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start = self.rank * self.shard
-        for batch in BatchSampler(self.sampler, self.batch_size, drop_last=True):
-            yield batch[start:start + self.shard]
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
-
-
-def _reseed_worker(rank: int, worker_id: int) -> None:
-    """Worker seeds of process ``rank`` differ from process 0's (whose are torch's own)."""
-    seed = (torch.initial_seed() + 1_000_003 * rank) % 2**63
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 -- as torch seeds a worker's legacy RNG
-
-
-def make_train_loader(
-    dataset: Dataset,
-    labels: Sequence[int],
-    batch_size: int,
-    m_per_class: int,
-    seed: int,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataLoader:
-    """Training DataLoader whose batch order is a function of ``seed`` alone.
-
-    ``m_per_class > 0``: each batch holds ``batch_size / m_per_class`` classes with
-    ``m_per_class`` images each (PML's ``MPerClassSampler``, seeded); an epoch is about
-    ``len(labels)`` images. ``m_per_class = 0``: plain shuffled batches. Incomplete last
-    batches are dropped. Random augmentations in workers are seeded from the loader's
-    generator too.
-
-    ``batch_size`` is the global batch: with ``world_size`` processes, each draws the same
-    global batches and yields its slice of ``batch_size / world_size`` (see
-    :class:`ShardedBatchSampler`); the index sampler is ``loader.batch_sampler.sampler``.
-    Workers of processes other than 0 get their own seeds.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    common: dict[str, Any] = {
-        "num_workers": num_workers,
-        "generator": generator,
-        "persistent_workers": num_workers > 0,
-        "worker_init_fn": partial(_reseed_worker, rank) if rank > 0 else None,
-    }
-    sampler: Sampler[int]
-    if m_per_class <= 0:
-        sampler = RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]
-    else:
-        num_classes = len(set(int(y) for y in labels))
-        if batch_size % m_per_class:
-            raise ValueError(f"m_per_class={m_per_class} must divide batch_size={batch_size}")
-        if m_per_class * num_classes < batch_size:
-            raise ValueError(
-                f"batch_size={batch_size} needs {batch_size // m_per_class} classes at "
-                f"m_per_class={m_per_class}, but the training set has {num_classes}"
-            )
-        if len(labels) != len(dataset):  # type: ignore[arg-type]
-            raise ValueError(f"{len(labels)} labels for a dataset of {len(dataset)}")  # type: ignore[arg-type]
-        sampler = _m_per_class_sampler_class()(
-            np.asarray(labels), m_per_class, batch_size, max(len(labels), batch_size), seed
-        )
-    batches = ShardedBatchSampler(sampler, batch_size, rank, world_size)
-    return DataLoader(dataset, batch_sampler=batches, **common)

@@ -1,21 +1,10 @@
 """Readers for image data sets as users keep them on disk, with the standard zero-shot splits.
 
-Each reader returns plain records (image paths + the data set's own integer class ids); no
-image is decoded here except by :func:`validate_images`. Train classes are disjoint from test
-classes (the zero-shot retrieval protocol, ``docs/idml-method.md`` section 6):
-
-==========  ====================================================================================
-name        layout and split
-==========  ====================================================================================
-cub         ``images.txt``, ``image_class_labels.txt``, ``classes.txt``, ``images/``; classes
-            1-100 train, 101-200 test (ids from the metadata, never from folder order)
-cars        ``cars_annos.mat`` (+ ``car_ims/``); classes 1-98 train, 99-196 test
-sop         ``Ebay_train.txt`` / ``Ebay_test.txt``
-inshop      ``list_eval_partition.txt``: train / query / gallery (``test`` is None)
-omniglot    ``images_background/`` train, ``images_evaluation/`` test, or the ``.tar.gz``
-folder      ``root/<class>/<image>``; the first ``train_classes`` of the sorted classes train
-csv         manifest ``path,label[,split]``
-==========  ====================================================================================
+Each reader takes the data set's folder (or file) and returns :class:`DatasetSplits` of plain
+records: image paths with the data set's own integer class ids; no image is decoded here.
+Train classes are disjoint from test classes (the zero-shot retrieval protocol,
+``docs/idml-method.md`` section 6). :mod:`idml.data.registry` lists the data sets and
+dispatches to these readers (:func:`idml.data.registry.read_dataset`).
 
 Anything malformed raises :class:`DatasetError` naming the file (and line or field) and what
 was expected: a data set is never silently smaller than what its metadata lists.
@@ -24,116 +13,25 @@ was expected: a data set is never silently smaller than what its metadata lists.
 from __future__ import annotations
 
 import csv as csv_module
-import hashlib
-import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+from idml.data.cache import cache_root, extract_once
+from idml.data.records import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    DatasetSplits,
+    Records,
+    descend_wrapper,
+    is_image,
+    manifest_path,
+    ordered_labels,
+    subfolders,
 )
-DATASET_NAMES = ("cub", "cars", "sop", "inshop", "omniglot", "folder", "csv")
-
-
-class DatasetError(ValueError):
-    """A data set on disk does not have the expected layout or content."""
-
-
-@dataclass(frozen=True)
-class Records:
-    """Image paths with the data set's own integer class ids (not necessarily contiguous)."""
-
-    paths: list[Path]
-    labels: list[int]
-
-    def __post_init__(self) -> None:
-        if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def classes(self) -> list[int]:
-        """The distinct class ids, sorted."""
-        return sorted(set(self.labels))
-
-
-@dataclass
-class DatasetSplits:
-    """Zero-shot splits of one data set.
-
-    ``test`` is evaluated leave-one-out (every image a query against all others). In-Shop
-    instead has a fixed ``query`` / ``gallery`` split and ``test`` is None. ``class_names``
-    maps class ids to readable names where the data set has them (empty for SOP).
-    """
-
-    train: Records
-    test: Records | None
-    query: Records | None = None
-    gallery: Records | None = None
-    class_names: dict[int, str] = field(default_factory=dict)
-
-    def parts(self) -> dict[str, Records]:
-        """The splits that are present, by name."""
-        named = {"train": self.train, "test": self.test, "query": self.query}
-        named["gallery"] = self.gallery
-        return {k: v for k, v in named.items() if v is not None}
-
-
-def read_dataset(
-    name: str,
-    root: str | Path,
-    *,
-    train_classes: str | None = None,
-    csv: str | Path | None = None,
-) -> DatasetSplits:
-    """Read data set ``name`` from ``root`` (see the module docstring for the layouts).
-
-    ``train_classes`` (``folder`` and split-less ``csv`` only): a fraction such as ``"0.5"``
-    (the first half of the sorted classes train, the rest test; the default) or a comma list
-    of class names. ``csv``: the manifest path (relative to ``root``); for ``name="csv"``
-    ``root`` may also be the manifest itself.
-    """
-    if name not in DATASET_NAMES:
-        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}")
-    if train_classes is not None and name not in ("folder", "csv"):
-        raise DatasetError(f"train_classes applies to 'folder' and 'csv' only, not {name!r}")
-    if csv is not None and name != "csv":
-        raise DatasetError(f"csv= applies to the 'csv' dataset only, not {name!r}")
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DatasetError(f"{name} root {root} does not exist")
-    if name == "cub":
-        splits = read_cub(root)
-    elif name == "cars":
-        splits = read_cars(root)
-    elif name == "sop":
-        splits = read_sop(root)
-    elif name == "inshop":
-        splits = read_inshop(root)
-    elif name == "omniglot":
-        splits = read_omniglot(root)
-    elif name == "folder":
-        splits = read_folder(root, train_classes=train_classes)
-    else:
-        splits = read_csv(root, csv=csv, train_classes=train_classes)
-    for part, records in splits.parts().items():
-        n = len(records.classes)
-        if n < 2:
-            raise DatasetError(
-                f"{name} at {root}: the {part} split has {n} class(es) ({len(records)} images); "
-                "retrieval needs at least 2"
-            )
-    return splits
-
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
@@ -183,6 +81,31 @@ def _split_by_class(
 def _records(pairs: Iterable[tuple[Path, int]]) -> Records:
     pairs = list(pairs)
     return Records([p for p, _ in pairs], [y for _, y in pairs])
+
+
+def _load_mat(path: Path, variables: Sequence[str]) -> dict[str, Any]:
+    """A MATLAB file's variables (scipy's ``squeeze_me``); each of ``variables`` must be there."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True)
+    except Exception as err:  # scipy raises several types for damaged files
+        raise DatasetError(f"{path}: not a readable MATLAB file ({err})") from err
+    for key in variables:
+        if key not in mat:
+            raise DatasetError(f"{path}: variable {key!r} missing (expected the official file)")
+    return mat
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The images directly in a class folder, sorted; none is an error."""
+    images = sorted(p for p in folder.iterdir() if is_image(p))
+    if not images:
+        raise DatasetError(
+            f"class folder {folder} holds no images (expected files directly inside with one "
+            f"of the suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return images
 
 
 _ID_PREFIX = re.compile(r"^\d+\.")
@@ -267,7 +190,6 @@ def read_cars(root: Path) -> DatasetSplits:
     ``.mat`` file itself.
     """
     import numpy as np
-    import scipy.io
 
     mat_path = root if root.is_file() else root / "cars_annos.mat"
     if not mat_path.is_file():
@@ -275,13 +197,7 @@ def read_cars(root: Path) -> DatasetSplits:
             f"{root} is not a Cars196 folder: looked for {mat_path} (with car_ims/ beside it)"
         )
     base = mat_path.parent
-    try:
-        mat = scipy.io.loadmat(mat_path, squeeze_me=True)
-    except Exception as err:  # scipy raises several types for damaged files
-        raise DatasetError(f"{mat_path}: not a readable MATLAB file ({err})") from err
-    for key in ("annotations", "class_names"):
-        if key not in mat:
-            raise DatasetError(f"{mat_path}: variable {key!r} missing (expected the official file)")
+    mat = _load_mat(mat_path, ("annotations", "class_names"))
     annotations = np.atleast_1d(mat["annotations"])
     fields = annotations.dtype.names or ()
     for key in ("relative_im_path", "class"):
@@ -352,6 +268,23 @@ _ITEM_ID = re.compile(r"^id_(\d+)$")
 INSHOP_HEADER = ["image_name", "item_id", "evaluation_status"]
 
 
+def _inshop_rows(listing: Path) -> list[tuple[int, str]]:
+    """The numbered rows after the image count and the header, checked against the count."""
+    lines = _read_lines(listing)
+    if len(lines) < 2:
+        raise DatasetError(f"{listing}: expected an image count, a header and rows")
+    count = _parse_int(lines[0][1], f"{listing}:{lines[0][0]}", "image count")
+    if lines[1][1].split() != INSHOP_HEADER:
+        raise DatasetError(
+            f"{listing}:{lines[1][0]}: expected the header {' '.join(INSHOP_HEADER)!r}, "
+            f"got {lines[1][1]!r}"
+        )
+    rows = lines[2:]
+    if len(rows) != count:
+        raise DatasetError(f"{listing}: line 1 announces {count} images but {len(rows)} are listed")
+    return rows
+
+
 def read_inshop(root: Path) -> DatasetSplits:
     """In-Shop: ``list_eval_partition.txt`` (in ``root`` or ``root/Eval``) train/query/gallery.
 
@@ -366,18 +299,7 @@ def read_inshop(root: Path) -> DatasetSplits:
     base = root
     if not (root / "img").is_dir() and (root / "Img" / "img").is_dir():
         base = root / "Img"
-    lines = _read_lines(listing)
-    if len(lines) < 2:
-        raise DatasetError(f"{listing}: expected an image count, a header and rows")
-    count = _parse_int(lines[0][1], f"{listing}:{lines[0][0]}", "image count")
-    if lines[1][1].split() != INSHOP_HEADER:
-        raise DatasetError(
-            f"{listing}:{lines[1][0]}: expected the header {' '.join(INSHOP_HEADER)!r}, "
-            f"got {lines[1][1]!r}"
-        )
-    rows = lines[2:]
-    if len(rows) != count:
-        raise DatasetError(f"{listing}: line 1 announces {count} images but {len(rows)} are listed")
+    rows = _inshop_rows(listing)
     parts_by_status: dict[str, list[tuple[Path, int]]] = {"train": [], "query": [], "gallery": []}
     class_names: dict[int, str] = {}
     paths, where = [], []
@@ -414,14 +336,8 @@ def read_inshop(root: Path) -> DatasetSplits:
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
 
 
-def cache_root() -> Path:
-    """Folder for extracted archives and decoded images: ``$IDML_CACHE`` or ``~/.cache/idml``."""
-    env = os.environ.get("IDML_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "idml"
-
-
 def _find_omniglot_root(folder: Path) -> Path | None:
-    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+    for candidate in (folder, *subfolders(folder)):
         if all((candidate / part).is_dir() for part in OMNIGLOT_PARTS):
             return candidate
     return None
@@ -436,7 +352,7 @@ def read_omniglot(root: Path) -> DatasetSplits:
     sorted order, so they are distinct across the splits.
     """
     if root.is_file():
-        root = extract_archive(root, cache_root() / "omniglot")
+        root = extract_once(root, cache_root() / "omniglot")
     found = _find_omniglot_root(root)
     if found is None:
         raise DatasetError(
@@ -446,8 +362,8 @@ def read_omniglot(root: Path) -> DatasetSplits:
     splits, class_names = [], {}
     for part in OMNIGLOT_PARTS:
         pairs = []
-        for alphabet in _subdirs(found / part):
-            characters = _subdirs(alphabet)
+        for alphabet in subfolders(found / part):
+            characters = subfolders(alphabet)
             if not characters:
                 raise DatasetError(f"alphabet folder {alphabet} holds no character folders")
             for character in characters:
@@ -458,71 +374,91 @@ def read_omniglot(root: Path) -> DatasetSplits:
     return DatasetSplits(train=splits[0], test=splits[1], class_names=class_names)
 
 
-def _archive_stamp(archive: Path) -> dict[str, object]:
-    stat = archive.stat()
-    return {"archive": str(archive.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+# ----------------------------------------------------------------------------------------------
+# Oxford Flowers-102
+
+FLOWERS_LABELS = "imagelabels.mat"
+FLOWERS_TRAIN_LAST = 51  # classes 1-51 train, 52-102 test (zero-shot, as CUB and Cars)
+_FLOWERS_CLASS = re.compile(r"^(\d{3})\.(.+)$")
 
 
-def _safe_extract(archive: Path, dest: Path) -> None:
-    """The downloader's checked extraction (no escapes, links or bombs), as a DatasetError."""
-    from idml.data.download import DownloadError
-    from idml.data.download import extract_archive as checked_extract
-
-    try:
-        checked_extract(archive, dest, kind="tar")
-    except DownloadError as err:
-        raise DatasetError(f"{archive}: {err}") from err
+def _is_official_flowers(folder: Path) -> bool:
+    return (folder / FLOWERS_LABELS).is_file() or (folder / "jpg").is_dir()
 
 
-def extract_archive(archive: Path, target: Path) -> Path:
-    """Extract a tar archive into ``target`` once; later calls reuse it (same archive stamp).
+def read_flowers102(root: Path) -> DatasetSplits:
+    """Oxford Flowers-102: classes 1-51 train, 52-102 test.
 
-    Only plain files and folders with relative names inside ``target`` are accepted: an
-    absolute name, a ``..`` component, a link or a device member raises :class:`DatasetError`
-    and leaves nothing behind. Extraction goes to a temporary sibling folder renamed into
-    place when complete, so an interrupted run never leaves a half-extracted cache.
+    Either the official layout (``jpg/image_00001.jpg``... with ``imagelabels.mat``, whose
+    ``labels`` are the 1-based classes in image-number order; also inside one wrapper folder
+    such as torchvision's ``flowers-102/``) or class folders named ``NNN.name`` with NNN the
+    Oxford class id (also inside a wrapper such as ``images/``), read in the order of
+    :func:`read_folder` (sorted folders, sorted files).
     """
-    stamp_name = ".idml-source.json"
-    stamp = _archive_stamp(archive)
-    if (target / stamp_name).is_file():
-        try:
-            if json.loads((target / stamp_name).read_text()) == stamp:
-                return target
-        except (OSError, ValueError):
-            pass  # unreadable stamp: extract again
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _safe_extract(archive, tmp)
-        (tmp / stamp_name).write_text(json.dumps(stamp))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    if not _is_official_flowers(root):
+        root = descend_wrapper(root)
+    if _is_official_flowers(root):
+        return _read_flowers_official(root)
+    return _read_flowers_folders(root)
+
+
+def _flowers_labels(mat_path: Path) -> list[int]:
+    import numpy as np
+
+    labels = np.atleast_1d(_load_mat(mat_path, ("labels",))["labels"])
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or not len(labels):
+        raise DatasetError(f"{mat_path}: labels must be a vector of class ids, got "
+                           f"{labels.dtype} {labels.shape}")
+    bad = [i for i, y in enumerate(labels) if not 1 <= y <= 102 or y != int(y)]
+    if bad:
+        raise DatasetError(f"{mat_path}: labels[{bad[0]}] is {labels[bad[0]]}; expected a class "
+                           "id 1-102")
+    return [int(y) for y in labels]
+
+
+def _read_flowers_official(root: Path) -> DatasetSplits:
+    mat_path = _require_file(root / FLOWERS_LABELS, "Flowers-102 label file")
+    jpg = root / "jpg"
+    if not jpg.is_dir():
+        raise DatasetError(f"missing Flowers-102 image folder: {jpg} does not exist")
+    labels = _flowers_labels(mat_path)
+    paths = [jpg / f"image_{i:05d}.jpg" for i in range(1, len(labels) + 1)]
+    _check_exist(paths, [f"{mat_path}: labels[{i}]" for i in range(len(labels))], "flowers102")
+    found = sum(1 for p in jpg.iterdir() if is_image(p))
+    if found != len(labels):
+        raise DatasetError(f"{mat_path} has labels for {len(labels)} images but {jpg} holds "
+                           f"{found}: the label file does not belong to these images")
+    train, test = _split_by_class(paths, labels, lambda y: y <= FLOWERS_TRAIN_LAST)
+    return DatasetSplits(train=train, test=test)
+
+
+def _read_flowers_folders(root: Path) -> DatasetSplits:
+    folders = subfolders(root)
+    if not folders:
+        raise DatasetError(
+            f"{root} is not a Flowers-102 folder: looked for jpg/ and {FLOWERS_LABELS}, or "
+            "class folders named NNN.name (NNN the Oxford class id 001-102)"
+        )
+    class_names: dict[int, str] = {}
+    paths, labels = [], []
+    for folder in folders:
+        match = _FLOWERS_CLASS.match(folder.name)
+        if match is None or not 1 <= int(match[1]) <= 102:
+            raise DatasetError(f"{folder}: expected a class folder named NNN.name with NNN the "
+                               "Oxford class id 001-102")
+        class_id = int(match[1])
+        if class_id in class_names:
+            raise DatasetError(f"{folder}: class id {class_id} has two folders in {root}")
+        class_names[class_id] = match[2]
+        images = _images_in(folder)
+        paths += images
+        labels += [class_id] * len(images)
+    train, test = _split_by_class(paths, labels, lambda y: y <= FLOWERS_TRAIN_LAST)
+    return DatasetSplits(train=train, test=test, class_names=class_names)
 
 
 # ----------------------------------------------------------------------------------------------
 # Class folders and CSV manifests
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _images_in(folder: Path) -> list[Path]:
-    images = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not images:
-        raise DatasetError(
-            f"class folder {folder} holds no images (expected files directly inside with one "
-            f"of the suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return images
 
 
 def _pick_train_classes(names: Sequence[str], train_classes: str | None, source: str) -> set[str]:
@@ -554,16 +490,14 @@ def _pick_train_classes(names: Sequence[str], train_classes: str | None, source:
 def read_folder(root: Path, *, train_classes: str | None = None) -> DatasetSplits:
     """Class-folder tree ``root/<class>/<image>``; ids are positions in sorted folder order.
 
-    A single wrapper folder without images of its own (``flowers102/images/<class>/``) is
-    descended into. Only files directly inside a class folder count; an empty one is an error.
+    A wrapper folder (``flowers102/images/<class>/``, see
+    :func:`~idml.data.records.descend_wrapper`) is descended into. Only images directly
+    inside a class folder count; an empty one is an error.
     """
     if not root.is_dir():
         raise DatasetError(f"folder root {root} is not a directory")
-    folders = _subdirs(root)
-    if len(folders) == 1 and not any(
-        p.suffix.lower() in IMAGE_SUFFIXES for p in folders[0].iterdir() if p.is_file()
-    ):
-        root, folders = folders[0], _subdirs(folders[0])
+    root = descend_wrapper(root)
+    folders = subfolders(root)
     if not folders:
         raise DatasetError(f"{root} holds no class folders (expected {root}/<class>/<images>)")
     names = [f.name for f in folders]
@@ -577,35 +511,26 @@ def read_folder(root: Path, *, train_classes: str | None = None) -> DatasetSplit
     )
 
 
-def _sorted_labels(labels: Iterable[str]) -> list[str]:
-    """Labels in sorted order: numerically when they are all integers, else as strings."""
-    unique = set(labels)
-    try:
-        return sorted(unique, key=int)
-    except ValueError:
-        return sorted(unique)
+class _Row(NamedTuple):
+    path: Path
+    label: str
+    split: str | None  # "train" / "test", or None without a split column
+    at: str  # manifest:line
 
 
-def read_csv(
-    root: Path, *, csv: str | Path | None = None, train_classes: str | None = None
-) -> DatasetSplits:
-    """CSV manifest with header ``path,label[,split]`` (extra columns are ignored).
-
-    Paths are relative to the manifest's folder (or absolute). Labels are any non-empty
-    strings; ids are their positions in sorted order (numeric order if all are integers).
-    ``split`` is ``train`` or ``test``; without that column ``train_classes`` picks the train
-    labels as for ``folder``. A label may not be in both splits (zero-shot protocol).
-    """
+def _manifest_of(root: Path, csv: str | Path | None) -> Path:
     if csv is not None:
         manifest = Path(csv).expanduser()
-        if not manifest.is_absolute():
-            manifest = root / manifest
+        manifest = manifest if manifest.is_absolute() else root / manifest
     elif root.is_file():
         manifest = root
     else:
         raise DatasetError(f"csv dataset: {root} is a folder; pass csv=PATH or the CSV as root")
-    _require_file(manifest, "CSV manifest")
-    base = manifest.parent
+    return _require_file(manifest, "CSV manifest")
+
+
+def _read_manifest(manifest: Path) -> tuple[list[_Row], bool]:
+    """The rows of a ``path,label[,split]`` manifest and whether it has the split column."""
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv_module.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -622,113 +547,59 @@ def read_csv(
             at = f"{manifest}:{reader.line_num}"
             if None in row or any(row.get(c) is None for c in columns):
                 raise DatasetError(f"{at}: expected {len(columns)} fields ({','.join(columns)})")
-            path_text, label = row["path"].strip(), row["label"].strip()
-            if not path_text:
-                raise DatasetError(f"{at}: field 'path' is empty")
-            if not label:
-                raise DatasetError(f"{at}: field 'label' is empty")
-            split = None
-            if has_split:
-                split = row["split"].strip().lower()
-                if split not in ("train", "test"):
-                    raise DatasetError(
-                        f"{at}: field 'split' is {row['split']!r}; expected 'train' or 'test'"
-                    )
-            path = Path(path_text).expanduser()
-            rows.append((path if path.is_absolute() else base / path, label, split, at))
+            for column in ("path", "label"):
+                if not row[column].strip():
+                    raise DatasetError(f"{at}: field {column!r} is empty")
+            split = row["split"].strip().lower() if has_split else None
+            if has_split and split not in ("train", "test"):
+                raise DatasetError(
+                    f"{at}: field 'split' is {row['split']!r}; expected 'train' or 'test'"
+                )
+            path = manifest_path(manifest, row["path"].strip())
+            rows.append(_Row(path, row["label"].strip(), split, at))
     if not rows:
         raise DatasetError(f"{manifest}: no rows after the header")
-    _check_exist([r[0] for r in rows], [r[3] for r in rows], "csv")
+    return rows, has_split
 
-    names = _sorted_labels(r[1] for r in rows)
+
+def _check_disjoint(rows: Sequence[_Row]) -> None:
+    """Raise at the first label listed in both splits (zero-shot protocol)."""
+    first_in: dict[tuple[str, str | None], str] = {}
+    for row in rows:
+        first_in.setdefault((row.label, row.split), row.at)
+        other = "test" if row.split == "train" else "train"
+        if (row.label, other) in first_in:
+            raise DatasetError(
+                f"{row.at}: label {row.label!r} is in both splits (also {other} at "
+                f"{first_in[(row.label, other)]}); zero-shot retrieval needs disjoint classes"
+            )
+
+
+def read_csv(
+    root: Path, *, csv: str | Path | None = None, train_classes: str | None = None
+) -> DatasetSplits:
+    """CSV manifest with header ``path,label[,split]`` (extra columns are ignored).
+
+    Paths are relative to the manifest's folder (or absolute). Labels are any non-empty
+    strings; ids are their positions in :func:`~idml.data.records.ordered_labels` order.
+    ``split`` is ``train`` or ``test``; without that column ``train_classes`` picks the train
+    labels as for ``folder``. A label may not be in both splits (zero-shot protocol).
+    """
+    manifest = _manifest_of(root, csv)
+    rows, has_split = _read_manifest(manifest)
+    _check_exist([r.path for r in rows], [r.at for r in rows], "csv")
+    names = ordered_labels(r.label for r in rows)
     ids = {name: i for i, name in enumerate(names)}
     if has_split:
         if train_classes is not None:
             raise DatasetError(f"{manifest} has a split column; train_classes does not apply")
-        first_in: dict[tuple[str, str], str] = {}
-        for _, label, split, at in rows:
-            first_in.setdefault((label, split), at)
-            other = "test" if split == "train" else "train"
-            if (label, other) in first_in:
-                raise DatasetError(
-                    f"{at}: label {label!r} is in both splits (also {other} at "
-                    f"{first_in[(label, other)]}); zero-shot retrieval needs disjoint classes"
-                )
-        is_train = [split == "train" for _, _, split, _ in rows]
+        _check_disjoint(rows)
+        is_train = [r.split == "train" for r in rows]
     else:
         train_names = _pick_train_classes(names, train_classes, str(manifest))
-        is_train = [label in train_names for _, label, _, _ in rows]
-    train = [(r[0], ids[r[1]]) for r, t in zip(rows, is_train, strict=True) if t]
-    test = [(r[0], ids[r[1]]) for r, t in zip(rows, is_train, strict=True) if not t]
+        is_train = [r.label in train_names for r in rows]
+    train = [(r.path, ids[r.label]) for r, t in zip(rows, is_train, strict=True) if t]
+    test = [(r.path, ids[r.label]) for r, t in zip(rows, is_train, strict=True) if not t]
     return DatasetSplits(
         train=_records(train), test=_records(test), class_names=dict(enumerate(names))
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Image validation
-
-
-def check_image(path: Path) -> str | None:
-    """None if ``path`` decodes completely, else why not.
-
-    ``verify()`` checks structure (and PNG checksums) without decoding; only a full
-    ``load()`` notices a truncated JPEG, so both run. JPEGs are decoded at reduced DCT
-    scale (``draft``): every byte is still read, at a fraction of the cost.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-    except Exception as err:  # PIL raises many types on corrupt files (struct.error, ...)
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def io_threads() -> int:
-    """Threads for image decoding (PIL releases the GIL): a few more than the cores."""
-    return min(16, (os.cpu_count() or 1) + 2)
-
-
-def validate_images(
-    records: Records, *, skip_bad: bool, num_threads: int | None = None
-) -> tuple[Records, list[tuple[Path, str]]]:
-    """Decode every image once; return the records that decode and the ``(path, reason)`` bad.
-
-    With ``skip_bad=False`` the first bad image (in record order) raises :class:`DatasetError`
-    naming it; with ``skip_bad=True`` the bad ones are dropped and returned so the caller can
-    report how many were skipped. Decoding runs on a thread pool (PIL releases the GIL).
-    """
-    workers = num_threads or io_threads()
-    bad: list[tuple[Path, str]] = []
-    keep_paths, keep_labels = [], []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        try:
-            for path, label, reason in zip(
-                records.paths, records.labels, pool.map(check_image, records.paths), strict=True
-            ):
-                if reason is None:
-                    keep_paths.append(path)
-                    keep_labels.append(label)
-                    continue
-                if not skip_bad:
-                    raise DatasetError(f"image {path} does not decode ({reason})")
-                bad.append((path, reason))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return Records(keep_paths, keep_labels), bad
-
-
-def fingerprint(paths: Sequence[Path], *extra: object) -> str:
-    """Hash of the paths with their sizes and mtimes (plus ``extra``): a cache key."""
-    digest = hashlib.sha256(repr(extra).encode())
-    for p in paths:
-        st = os.stat(p)
-        digest.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()

@@ -23,24 +23,11 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from idml.evaluation.metrics import knn
+from idml.evaluation.knn import knn
+from idml.method.metric import uncertainty_score
 
 #: Coverages at which Recall@1 of the most confident queries is reported.
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
-#: Random orders averaged for the ``random`` row of :func:`uncertainty_report`.
-RANDOM_DRAWS = 10
-
-
-def uncertainty_score(uncertainty: torch.Tensor) -> torch.Tensor:
-    """Per-image uncertainty ``||u||^2`` of ``[N, D]`` uncertainty embeddings, float32 ``[N]``.
-
-    This is the ``beta`` the introspective metric uses against a proxy (whose uncertainty is
-    zero): ``||u - 0||^2``. Larger means more ambiguous. ``u`` is not normalised (it must not
-    be, ``docs/idml-method.md`` 5a).
-    """
-    if uncertainty.ndim != 2:
-        raise ValueError(f"expected [N, D], got {tuple(uncertainty.shape)}")
-    return uncertainty.detach().float().pow(2).sum(dim=1)
 
 
 def _check_gallery(
@@ -200,23 +187,37 @@ def _row(
     return row
 
 
+def random_reference(correct: np.ndarray, coverages: Sequence[float]) -> dict[str, float]:
+    """The ``random`` row: the exact expectation over uniformly random query orders.
+
+    A constant confidence puts every query in one tie group, and :func:`risk_coverage`
+    averages a tie group over all its orders, so AURC, E-AURC and Recall@1 at each coverage
+    are their expectations under a random order, without sampling. Spearman's rho of a random
+    order with failure has expectation 0 (every order and its reverse are equally likely).
+    This is the one definition of the random reference: ``metrics.json``, the report's plot
+    and its table all use it.
+    """
+    curve = risk_coverage(np.zeros(len(correct)), correct, coverages=coverages)
+    row = {key: float(v) for key, v in curve.items() if key not in ("coverage", "risk")}
+    row["spearman"] = 0.0
+    return row
+
+
 def uncertainty_report(
     semantic: torch.Tensor,
     uncertainty: torch.Tensor,
     labels: torch.Tensor,
     *,
-    seed: int = 0,
     gallery: torch.Tensor | None = None,
     gallery_labels: torch.Tensor | None = None,
     coverages: Sequence[float] = DEFAULT_COVERAGES,
-    random_draws: int = RANDOM_DRAWS,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Compare confidences for ranking retrieval queries, one row each.
 
     Rows: ``uncertainty`` (confidence ``-||u||^2``), ``semantic_gap``
-    (:func:`semantic_confidence`) and ``random`` (the mean over ``random_draws`` random
-    orders drawn with ``seed``). Each row has ``aurc``, ``e_aurc``, ``recall@1@{c}%`` for
+    (:func:`semantic_confidence`) and ``random`` (:func:`random_reference`, the exact
+    expectation over random orders). Each row has ``aurc``, ``e_aurc``, ``recall@1@{c}%`` for
     ``c`` in ``coverages`` and ``spearman``: Spearman's rho between the row's risk score
     (``-confidence``; for ``uncertainty`` that is ``||u||^2``) and per-query failure
     (1 = nearest neighbour has another label). Positive = the score flags failures; ``nan``
@@ -226,8 +227,6 @@ def uncertainty_report(
     """
     if uncertainty.shape[0] != semantic.shape[0]:
         raise ValueError("one uncertainty embedding per query is required")
-    if random_draws < 1:
-        raise ValueError(f"random_draws must be positive, got {random_draws}")
     correct = _as_numpy(
         query_correct(semantic, labels, gallery=gallery, gallery_labels=gallery_labels,
                       neighbours=neighbours), bool
@@ -235,17 +234,10 @@ def uncertainty_report(
     scores = _as_numpy(uncertainty_score(uncertainty), np.float64)
     gap = _as_numpy(semantic_confidence(semantic, gallery=gallery, neighbours=neighbours),
                     np.float64)
-
-    rng = np.random.default_rng(seed)
-    draws = [
-        _row(rng.permutation(len(correct)).astype(np.float64), correct, coverages)
-        for _ in range(random_draws)
-    ]
-    random_row = {key: float(np.mean([d[key] for d in draws])) for key in draws[0]}
     return {
         "uncertainty": _row(-scores, correct, coverages),
         "semantic_gap": _row(gap, correct, coverages),
-        "random": random_row,
+        "random": random_reference(correct, coverages),
     }
 
 

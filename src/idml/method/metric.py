@@ -52,6 +52,19 @@ def float32_region(device: torch.device) -> Iterator[None]:
         yield
 
 
+def uncertainty_score(uncertainty: torch.Tensor) -> torch.Tensor:
+    """Per-image uncertainty ``||u||^2`` of ``[N, Du]`` uncertainty embeddings, float32 ``[N]``.
+
+    The one definition in idml: the ``beta`` of an image against a proxy (whose uncertainty
+    is zero), the confidence that evaluation ranks queries by, and the score search reports.
+    Larger means more ambiguous. ``u`` is not normalised (it must not be: method page, defect
+    5a). Differentiable; callers that report it detach it.
+    """
+    if uncertainty.ndim != 2:
+        raise ValueError(f"expected [N, D], got {tuple(uncertainty.shape)}")
+    return uncertainty.float().pow(2).sum(dim=1)
+
+
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pairwise ``||x_i - y_j||^2`` ([N, M]), clamped at 0 against rounding.
 
@@ -157,7 +170,7 @@ def proxy_introspective_similarity(
         else:
             sq = (2.0 - 2.0 * cos).clamp_min(0.0)
         if proxy_uncertainty is None:
-            bet = u.pow(2).sum(1, keepdim=True)
+            bet = uncertainty_score(u)[:, None]
         else:
             bet = uncertainty_distance(u, proxy_uncertainty, beta)
         return 1.0 - introspective_distance(1.0 - cos, bet, sq, a=a, b=b)

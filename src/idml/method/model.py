@@ -20,6 +20,9 @@ from timm.layers.norm_act import FrozenBatchNormAct2d as _TimmFrozenBNAct
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
+from idml.core.config import RunConfig
+from idml.core.errors import IdmlError
+
 IMAGENET_SPEC: dict[str, Any] = {
     "input_size": (3, 224, 224),
     "mean": (0.485, 0.456, 0.406),
@@ -33,7 +36,7 @@ PACKAGE_ARCH = "tf_efficientnet_lite0"
 PACKAGE_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 
 
-class ModelError(ValueError):
+class ModelError(IdmlError):
     """A backbone or weights source that cannot be used; the message says what to do."""
 
 
@@ -473,3 +476,21 @@ def create_model(
         freeze_bn=pretrained != "none" if freeze_bn is None else freeze_bn,
         input_spec=spec,
     )
+
+
+def model_from_config(cfg: RunConfig, in_chans: int) -> IntrospectiveNet:
+    """The model a config describes (on the CPU, weights per ``cfg.pretrained``), without
+    reading any data. ``in_chans``: the input channels of
+    the data set (:attr:`idml.data.registry.DatasetInfo.in_chans`)."""
+    model = create_model(
+        cfg.backbone,
+        embedding_dim=cfg.embedding_dim,
+        uncertainty_dim=cfg.uncertainty_dim,
+        pretrained=cfg.pretrained,
+        normalize_uncertainty=cfg.mode == "reference",
+        freeze_bn=cfg.freeze_bn,
+        in_chans=in_chans,
+    )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

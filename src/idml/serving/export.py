@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from idml.core.errors import IdmlError
+from idml.data.registry import get_dataset
 from idml.method.model import IntrospectiveNet
 
 FORMATS = ("onnx", "torchscript")
@@ -41,7 +43,7 @@ TORCHSCRIPT_EXTRA = "idml.json"
 _PROTOBUF_LIMIT = 2**31 - 2**26
 
 
-class ExportError(ValueError):
+class ExportError(IdmlError):
     """An export that cannot be made; the message says why and what to do."""
 
 
@@ -60,21 +62,9 @@ def require(module: str, purpose: str) -> Any:
         ) from err
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[IntrospectiveNet, Any]:
-    """The model of a training checkpoint (CPU, eval mode) and its :class:`RunConfig`.
-
-    The network is built with ``pretrained="none"``: every weight comes from the checkpoint,
-    nothing is downloaded and no data set is read.
-    """
-    from idml.serving.embedder import trained_model
-
-    model, cfg = trained_model(path)
-    return model.eval(), cfg
-
-
 def default_image_size(model: IntrospectiveNet, cfg: Any | None = None) -> int:
     """The input side length a model was trained with: the run's crop size, else its spec."""
-    if cfg is not None and getattr(cfg, "dataset", "digits") != "digits":
+    if cfg is not None and not get_dataset(cfg.dataset).in_memory:
         return int(cfg.image_size)
     return int(model.input_spec["input_size"][-1])
 

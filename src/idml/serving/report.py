@@ -16,7 +16,6 @@ images it holds and how many failed to decode (``data-images-total``,
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
 import json
@@ -33,7 +32,17 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 
-REQUIRED_FILES = ("config.yaml", "checkpoint.pt", "metrics.json", "history.json")
+from idml.core.config import as_dict
+from idml.core.errors import IdmlError
+from idml.core.io import atomic_write_text
+from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, check_finished
+from idml.core.runtime import select_device
+from idml.data.build import splits_from_config
+from idml.evaluation.evaluator import compute_embeddings
+from idml.evaluation.uncertainty import query_correct, risk_coverage, semantic_confidence
+from idml.method.metric import uncertainty_score
+from idml.serving.trained import load_trained
+
 #: Results shown per retrieval example.
 TOP_K = 5
 #: Longest side of a thumbnail in pixels; smaller images are upscaled (nearest) to MIN_THUMB.
@@ -51,7 +60,7 @@ CURVE_NAMES = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(IdmlError):
     """A run folder that cannot be reported on; the message names what is wrong."""
 
 
@@ -90,21 +99,6 @@ class ReportData:
     query_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     reference_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     leave_one_out: bool = True
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` as a Path if it holds a finished run; else a :class:`ReportError`."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is not a run folder: no such folder")
-    missing = [name for name in REQUIRED_FILES if not (run_dir / name).is_file()]
-    if missing:
-        hint = " (the run has not finished: resume it with idml train --resume)" \
-            if (run_dir / "last.pt").is_file() else ""
-        raise ReportError(
-            f"{run_dir} is not a finished run folder: missing {', '.join(missing)}{hint}"
-        )
-    return run_dir
 
 
 def _read_json(path: Path) -> Any:
@@ -178,35 +172,19 @@ def collect_report_data(
 
     ``examples``: number of retrieval examples and of most / least uncertain thumbnails.
     """
-    from idml.core.checkpoint import load_checkpoint
-    from idml.core.config import config_from_dict
-    from idml.evaluation.uncertainty import (
-        query_correct,
-        risk_coverage,
-        semantic_confidence,
-        uncertainty_score,
-    )
-    from idml.training.run import build, compute_embeddings, select_device
-
     if examples < 1:
-        raise ReportError(f"--examples must be at least 1, got {examples}")
-    run_dir = check_run_dir(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
-    history = _read_json(run_dir / "history.json")
+        raise ReportError(f"examples must be at least 1, got {examples}")
+    run_dir = check_finished(run_dir)
+    metrics = _read_json(run_dir / METRICS_FILE)
+    history = _read_json(run_dir / HISTORY_FILE)
     if not isinstance(metrics, dict) or "final" not in metrics:
-        raise ReportError(f"{run_dir / 'metrics.json'} has no 'final' metrics")
+        raise ReportError(f"{run_dir / METRICS_FILE} has no 'final' metrics")
     if not isinstance(history, list):
-        raise ReportError(f"{run_dir / 'history.json'} is not a list of epochs")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = config_from_dict(dict(ckpt["config"]), source=str(run_dir / "checkpoint.pt"))
-    dev = select_device(device)
-    model, splits = build(dataclasses.replace(cfg, pretrained="none"), dev,
-                          log or (lambda _msg: None))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ReportError(f"{run_dir / 'checkpoint.pt'}: weights do not fit the configured "
-                          f"model: {exc}") from exc
+        raise ReportError(f"{run_dir / HISTORY_FILE} is not a list of epochs")
+    trained = load_trained(run_dir / CHECKPOINT_FILE)
+    model, cfg, dev = trained.model, trained.config, select_device(device)
+    splits = splits_from_config(cfg, model.input_spec, log or (lambda _msg: None))
+    model.to(dev)
 
     def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return compute_embeddings(model, data, cfg.eval_batch_size, dev, cfg.precision,
@@ -230,8 +208,7 @@ def collect_report_data(
     curves = {
         "uncertainty": risk_coverage(-scores, correct_np),
         "semantic_gap": risk_coverage(gap.cpu().numpy(), correct_np),
-        # all-equal confidence = the average over every random order (ties are averaged)
-        "random": risk_coverage(np.zeros(len(scores)), correct_np),
+        "random": risk_coverage(np.zeros(len(scores)), correct_np),  # see random_reference
     }
     order = np.argsort(-scores, kind="stable")
     count = min(examples, len(order))
@@ -251,7 +228,7 @@ def collect_report_data(
         else:
             reference_thumbs[j] = _thumbnail(ref_set, j, spec)
     return ReportData(
-        run_dir=run_dir, config=dict(ckpt["config"]), metrics=metrics, history=history,
+        run_dir=run_dir, config=as_dict(cfg), metrics=metrics, history=history,
         query_labels=labels.cpu().numpy(), scores=scores, correct=correct_np, curves=curves,
         most_uncertain=most, least_uncertain=least, examples=found,
         query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
@@ -608,5 +585,5 @@ def write_report(
     path = Path(out) if out is not None else data.run_dir / "report.html"
     if path.is_dir():
         raise ReportError(f"cannot write {path}: it is a folder; give a file name")
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path

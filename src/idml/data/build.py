@@ -1,0 +1,123 @@
+"""A run's data: the splits its config describes, read, checked and cached."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from idml.core.config import RunConfig
+from idml.data.digits import load_digits_splits
+from idml.data.registry import get_dataset
+from idml.data.splits import RetrievalSplits, remap_labels, validation_mask
+
+
+def _subset(records: Any, mask: list[bool]) -> Any:
+    """The records where ``mask`` is true (a :class:`idml.data.records.Records`)."""
+    keep = [i for i, m in enumerate(mask) if m]
+    return type(records)([records.paths[i] for i in keep], [records.labels[i] for i in keep])
+
+
+def _validated(
+    parts: dict[str, Any], skip_bad: bool, where: str, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``parts`` (records by split) with every image decoded once: a bad one raises, or with
+    ``skip_bad`` is dropped and logged (a split left with under 2 classes still raises)."""
+    from idml.data.images import validate_images
+    from idml.data.records import DatasetError
+
+    checked = {}
+    for part, records in parts.items():
+        good, bad = validate_images(records, skip_bad=skip_bad)
+        if bad:
+            log(f"skipped {len(bad)} unreadable image(s) of {len(records)} in the {part} split "
+                f"(first: {bad[0][0]}: {bad[0][1]})")
+            if len(good.classes) < 2:
+                raise DatasetError(f"the {part} split of {where} has fewer than 2 classes left")
+        checked[part] = good
+    return checked
+
+
+def load_image_splits(
+    name: str,
+    root: str | None,
+    *,
+    input_spec: dict[str, Any],
+    image_size: int,
+    train_classes: str | None = None,
+    csv: str | None = None,
+    val_fraction: float = 0.0,
+    augment: bool = True,
+    cache: bool = True,
+    skip_bad_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> RetrievalSplits:
+    """Read an image data set from disk, check every image, and build the split data sets.
+
+    ``root`` None: see :func:`idml.data.registry.resolve_root` (a ``csv`` manifest alone, or
+    the data set under ``$IDML_DATA_ROOT``). Every image is decoded once before training
+    starts, so a broken file stops the run here (naming it) rather than mid-epoch; with
+    ``skip_bad_images`` it is dropped and counted. With ``cache`` images are decoded once,
+    downscaled to the short side the test transform needs, and kept (and persisted under the
+    idml cache folder) as uint8 tensors: the paper's transforms then run on small tensors
+    instead of full JPEG decodes every epoch.
+    """
+    from idml.data.cache import cache_root
+    from idml.data.images import CachedImageDataset, ImageDataset, cache_images
+    from idml.data.records import Records
+    from idml.data.registry import read_dataset, resolve_root
+    from idml.data.transforms import build_transforms, test_crop_fraction
+
+    data_root, csv = resolve_root(name, root, csv)
+    parts = read_dataset(name, data_root, train_classes=train_classes, csv=csv).parts()
+    parts = _validated(parts, skip_bad_images, str(data_root), log)
+
+    short_side = round(image_size / test_crop_fraction(input_spec))
+
+    def make(records: Records, train: bool) -> Dataset:
+        transform = build_transforms(input_spec, image_size, train=train and augment)
+        if not cache:
+            return ImageDataset(records, transform)
+        decoded = cache_images(records, short_side, cache_dir=cache_root() / "decoded")
+        return CachedImageDataset(decoded, records.labels, transform)
+
+    train = parts["train"]
+    is_val = validation_mask(torch.tensor(train.labels), val_fraction)
+    val = None
+    if is_val is not None:
+        val, train = _subset(train, is_val.tolist()), _subset(train, (~is_val).tolist())
+    fit = Records(train.paths, remap_labels(torch.tensor(train.labels)).tolist())
+    return RetrievalSplits(
+        train=make(fit, train=True),
+        test=make(parts["test"], train=False) if "test" in parts else None,
+        num_train_classes=len(fit.classes),
+        val=make(val, train=False) if val is not None else None,
+        query=make(parts["query"], train=False) if "query" in parts else None,
+        gallery=make(parts["gallery"], train=False) if "gallery" in parts else None,
+    )
+
+
+def splits_from_config(
+    cfg: RunConfig, input_spec: dict[str, Any], log: Callable[[str], None] = print
+) -> RetrievalSplits:
+    """The data splits a run config describes, normalised for a model's ``input_spec``."""
+    if get_dataset(cfg.dataset).in_memory:  # the embedded digits
+        return load_digits_splits(
+            tuple(input_spec["mean"]), tuple(input_spec["std"]), cfg.val_fraction,
+            cfg.rotation_classes,
+        )
+    return load_image_splits(
+        cfg.dataset,
+        cfg.data_root,
+        input_spec=input_spec,
+        image_size=cfg.image_size,
+        train_classes=cfg.train_classes,
+        csv=cfg.csv,
+        val_fraction=cfg.val_fraction,
+        augment=cfg.augment,
+        cache=cfg.cache_images,
+        skip_bad_images=cfg.skip_bad_images,
+        log=log,
+    )

@@ -1,0 +1,108 @@
+"""What every reader returns (:class:`Records`, :class:`DatasetSplits`), its error, and the
+few rules that readers and embedding sources share: what counts as an image, when a folder is
+only a wrapper, in which order labels get their ids and where a manifest's paths point."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idml.core.errors import IdmlError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+
+
+class DatasetError(IdmlError):
+    """A data set on disk does not have the expected layout or content."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """Image paths with the data set's own integer class ids (not necessarily contiguous)."""
+
+    paths: list[Path]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def classes(self) -> list[int]:
+        """The distinct class ids, sorted."""
+        return sorted(set(self.labels))
+
+
+@dataclass
+class DatasetSplits:
+    """Zero-shot splits of one data set.
+
+    ``test`` is evaluated leave-one-out (every image a query against all others). In-Shop
+    instead has a fixed ``query`` / ``gallery`` split and ``test`` is None. ``class_names``
+    maps class ids to readable names where the data set has them (empty for SOP).
+    """
+
+    train: Records
+    test: Records | None
+    query: Records | None = None
+    gallery: Records | None = None
+    class_names: dict[int, str] = field(default_factory=dict)
+
+    def parts(self) -> dict[str, Records]:
+        """The splits that are present, by name."""
+        named = {"train": self.train, "test": self.test, "query": self.query}
+        named["gallery"] = self.gallery
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def is_image(path: Path) -> bool:
+    """A visible file with an image suffix (hidden ones, e.g. macOS ``._x.jpg``, are not)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and (
+        path.is_file()
+    )
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The visible subfolders of ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_images(folder: Path) -> bool:
+    return any(is_image(p) for p in folder.iterdir())
+
+
+def descend_wrapper(folder: Path) -> Path:
+    """``folder``, or its only subfolder when ``folder`` merely wraps the class folders.
+
+    A wrapper (``flowers102/images/<class>/``) has exactly one subfolder, and neither it nor
+    that subfolder holds images of its own (a single folder of images is one class).
+    """
+    inner = subfolders(folder)
+    if len(inner) == 1 and not _has_images(folder) and not _has_images(inner[0]):
+        return inner[0]
+    return folder
+
+
+def ordered_labels(labels: Iterable[str]) -> list[str]:
+    """The distinct labels in id order: numeric when all are integers, else as strings.
+
+    Integer-equal labels (``"1"``, ``"01"``) are ordered by their text, so the order never
+    depends on set iteration order (string hashing varies with ``PYTHONHASHSEED``).
+    """
+    unique = set(labels)
+    try:
+        return sorted(unique, key=lambda s: (int(s), s))
+    except ValueError:
+        return sorted(unique)
+
+
+def manifest_path(manifest: Path, text: str) -> Path:
+    """A path as written in a manifest: ``~`` expanded, relative to the manifest's folder."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else manifest.parent / path

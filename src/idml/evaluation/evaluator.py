@@ -1,0 +1,165 @@
+"""The evaluator: embed a split with a model and compute every evaluation of it in one pass
+(retrieval metrics, the uncertainty summary and risk-coverage report, the mixup ambiguity
+check)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from idml.core.config import RunConfig
+from idml.core.runtime import autocast
+from idml.data.splits import RetrievalSplits, labels_of
+from idml.evaluation.knn import knn
+from idml.evaluation.metrics import evaluation_depth, query_gallery_metrics, retrieval_metrics
+from idml.evaluation.uncertainty import (
+    mixup_ambiguity_auroc,
+    query_correct,
+    uncertainty_report,
+)
+from idml.method.metric import uncertainty_score
+from idml.method.model import IntrospectiveNet
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: IntrospectiveNet,
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Semantic and uncertainty embeddings (float32, CPU) and labels of a whole set."""
+    was_training = model.training
+    model.eval()
+    sem, unc = [], []
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for images, _ in loader:
+        with autocast(device, precision):
+            s, u = model(images.to(device))
+        sem.append(s.float().cpu())
+        unc.append(u.float().cpu())
+    model.train(was_training)
+    return torch.cat(sem), torch.cat(unc), labels_of(data)
+
+
+@torch.no_grad()
+def mixup_uncertainty(
+    model: IntrospectiveNet, data: Dataset, cfg: RunConfig, device: torch.device
+) -> torch.Tensor:
+    """``||u||^2`` of every image blended 50/50 with another image of the same batch.
+
+    Deliberately ambiguous inputs: a useful uncertainty scores them above the clean images
+    (see :func:`idml.evaluation.uncertainty.mixup_ambiguity_auroc`). Partners come from a generator
+    seeded with ``cfg.seed``, so the check is reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scores = []
+    loader = DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False,
+                        num_workers=cfg.num_workers)
+    for images, _ in loader:
+        images = images.to(device)
+        partner = torch.randperm(len(images), generator=gen).to(device)
+        with autocast(device, cfg.precision):
+            _, u = model(0.5 * images + 0.5 * images[partner])
+        scores.append(uncertainty_score(u).cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
+def uncertainty_summary(
+    semantic: torch.Tensor,
+    uncertainty: torch.Tensor,
+    labels: torch.Tensor,
+    gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean ``||u||^2`` overall and on queries whose nearest neighbour is right / wrong.
+
+    Leave-one-out within the set, or against ``gallery = (semantic, labels)`` when given;
+    ``neighbours``: the queries' ``knn`` result, if already computed.
+    """
+    score = uncertainty_score(uncertainty)
+    if gallery is None:
+        correct = query_correct(semantic, labels, neighbours=neighbours)
+    else:
+        correct = query_correct(semantic, labels, gallery=gallery[0], gallery_labels=gallery[1],
+                                neighbours=neighbours)
+    correct = correct.to(score.device)
+    nan = float("nan")
+    return {
+        "mean": score.mean().item(),
+        "correct_mean": score[correct].mean().item() if correct.any() else nan,
+        "wrong_mean": score[~correct].mean().item() if (~correct).any() else nan,
+    }
+
+
+def evaluate_model(
+    model: IntrospectiveNet,
+    splits: RetrievalSplits,
+    cfg: RunConfig,
+    device: torch.device,
+    part: str = "test",
+    ambiguity: bool = False,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Retrieval metrics on the semantic embedding, and the uncertainty summary.
+
+    ``part`` is ``test`` or ``val`` (leave-one-out); a data set with a query/gallery split
+    (In-Shop) is evaluated query against gallery for ``test``. ``ambiguity`` adds the AUROC
+    of telling mixup-blended query images from clean ones by ``||u||^2`` (one more pass).
+    """
+    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, u, y = compute_embeddings(
+            model, data, cfg.eval_batch_size, device, cfg.precision, cfg.num_workers
+        )
+        return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
+
+    if part not in ("test", "val"):
+        raise ValueError(f"unknown split {part!r}; use 'test' or 'val'")
+    if part == "val" and splits.val is None:
+        raise ValueError("no validation split: set val_fraction > 0")
+    data = splits.val if part == "val" else splits.test
+    ks = tuple(cfg.eval_ks)
+    if data is not None:
+        s, u, y = embed(data)
+        # One kNN pass serves the metrics, the uncertainty summary and the semantic gap.
+        unit = F.normalize(s.float(), dim=1)
+        nb = knn(unit, unit, min(max(2, evaluation_depth(y, ks)), len(y) - 1), exclude_self=True)
+        metrics = retrieval_metrics(s, y, ks=ks, seed=cfg.seed, neighbours=nb)
+        summary = uncertainty_summary(s, u, y, neighbours=nb)
+        report = uncertainty_report(s, u, y, neighbours=nb)
+        if ambiguity:
+            mixed = mixup_uncertainty(model, data, cfg, device)
+            summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
+        return metrics, {**summary, "risk_coverage": report}
+    if splits.query is None or splits.gallery is None:
+        raise ValueError(f"the data set has no {part} split")
+    s, u, y = embed(splits.query)
+    gs, _, gy = embed(splits.gallery)
+    depth = min(max(2, evaluation_depth(y, ks, gy)), len(gy))
+    nb = knn(F.normalize(s.float(), dim=1), F.normalize(gs.float(), dim=1), depth,
+             exclude_self=False)
+    metrics = query_gallery_metrics(s, y, gs, gy, ks=ks, neighbours=nb)
+    summary = uncertainty_summary(s, u, y, gallery=(gs, gy), neighbours=nb)
+    report = uncertainty_report(s, u, y, gallery=gs, gallery_labels=gy,
+                                neighbours=nb)
+    if ambiguity:
+        mixed = mixup_uncertainty(model, splits.query, cfg, device)
+        summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
+    return metrics, {**summary, "risk_coverage": report}
+
+
+def format_metrics_table(columns: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per entry of ``columns``."""
+    names = list(next(iter(columns.values())))
+    head = f"{'metric':<12}" + "".join(f"{c:>10}" for c in columns)
+    rows = [
+        f"{n:<12}" + "".join(f"{100 * columns[c][n]:>10.2f}" for c in columns) for n in names
+    ]
+    return "\n".join([head, *rows])

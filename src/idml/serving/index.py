@@ -1,0 +1,249 @@
+"""faiss indexes over semantic embeddings, bound to the model that made them.
+
+The index searches the unit-norm semantic embeddings by inner product (= cosine):
+``exact`` (``IndexFlatIP``), ``ivf`` (``IndexIVFFlat``, k-means cells trained on the data,
+``nprobe`` cells visited per query) or ``hnsw`` (``IndexHNSWFlat``, a proximity graph).
+
+An index folder holds ``index.faiss`` (``faiss.write_index``), ``embeddings.npz`` (semantic
+and uncertainty arrays, for re-ranking) and ``meta.json`` (kind, parameters, the model
+fingerprint, dimensions, count, paths, labels, class names, SHA-256 of the two other files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from idml import __version__
+from idml.core.errors import IdmlError
+from idml.core.io import atomic_path, atomic_write, atomic_write_text, sha256_file
+from idml.serving.embeddings import EmbeddingSet
+
+INDEX_FORMAT = "idml-index"
+INDEX_VERSION = 1
+KINDS = ("exact", "ivf", "hnsw")
+INDEX_FILE, ARRAYS_FILE, META_FILE = "index.faiss", "embeddings.npz", "meta.json"
+_FAISS_TYPES = {"exact": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+
+
+class IndexFormatError(IdmlError):
+    """An index folder that cannot be used; the message names the folder or file."""
+
+
+@dataclasses.dataclass
+class RetrievalIndex:
+    """A faiss index with the embeddings, paths and labels of the items it holds."""
+
+    index: Any  #: the faiss index over ``semantic`` (inner product)
+    kind: str  #: exact | ivf | hnsw
+    params: dict[str, Any]  #: nlist/nprobe (ivf), m/ef_construction/ef_search (hnsw)
+    semantic: np.ndarray  #: float32 [N, D], unit rows
+    uncertainty: np.ndarray  #: float32 [N, Du]
+    paths: list[str]
+    labels: np.ndarray  #: int64 [N], -1 = unknown
+    meta: dict[str, Any]  #: fingerprint, checkpoint, class_names, ism, ...
+    location: str | None = None  #: the folder it was loaded from or saved to
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Fingerprint of the model that embedded the items."""
+        return self.meta.get("fingerprint")
+
+    @property
+    def semantic_dim(self) -> int:
+        return int(self.semantic.shape[1])
+
+    @property
+    def uncertainty_dim(self) -> int:
+        return int(self.uncertainty.shape[1])
+
+    def label_name(self, label: int) -> str | None:
+        """The class name of ``label`` where the embeddings recorded one."""
+        names = self.meta.get("class_names") or []
+        return str(names[label]) if 0 <= label < len(names) else None
+
+
+def default_nlist(count: int) -> int:
+    """IVF cells for ``count`` items: about ``4 sqrt(N)``, with >= 39 training points per cell."""
+    return max(1, min(round(4 * math.sqrt(count)), count // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    """IVF cells visited per query by default: a quarter of them, at least 8 (or all)."""
+    return min(nlist, max(8, nlist // 4))
+
+
+def build_index(
+    embeddings: EmbeddingSet,
+    kind: str = "exact",
+    *,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_construction: int = 64,
+    ef_search: int = 128,
+    seed: int = 0,
+) -> RetrievalIndex:
+    """Index the semantic embeddings of ``embeddings`` (see the module docstring for kinds).
+
+    ``ivf``: ``nlist`` cells (default :func:`default_nlist`), k-means trained on the
+    embeddings with ``seed``; ``nprobe`` cells searched (default :func:`default_nprobe`).
+    ``hnsw``: ``hnsw_m`` links per node, ``ef_construction`` / ``ef_search`` beam widths.
+    """
+    embeddings.validate("embeddings")
+    semantic = np.ascontiguousarray(embeddings.semantic, dtype=np.float32)
+    n, dim = semantic.shape
+    if n == 0:
+        raise ValueError("cannot index an empty embedding set")
+    params: dict[str, Any]
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+        params = {}
+    elif kind == "ivf":
+        defaulted, nlist = nlist is None, default_nlist(n) if nlist is None else nlist
+        if not 1 <= nlist <= n:
+            raise ValueError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
+        nprobe = default_nprobe(nlist) if nprobe is None else nprobe
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        if defaulted:  # fewer than 39 items: one cell, without faiss's warning about it
+            index.cp.min_points_per_centroid = 1
+        index.train(semantic)
+        index.nprobe = nprobe
+        params = {"nlist": nlist, "nprobe": nprobe, "seed": seed}
+    elif kind == "hnsw":
+        if hnsw_m < 2 or ef_construction < 1 or ef_search < 1:
+            raise ValueError(f"hnsw needs m >= 2 and positive ef values, got m={hnsw_m}, "
+                             f"ef_construction={ef_construction}, ef_search={ef_search}")
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+        params = {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}")
+    index.add(semantic)
+    meta = {k: v for k, v in embeddings.meta.items()
+            if k not in ("format", "version", "count", "semantic_dim", "uncertainty_dim")}
+    return RetrievalIndex(
+        index=index,
+        kind=kind,
+        params=params,
+        semantic=semantic,
+        uncertainty=np.ascontiguousarray(embeddings.uncertainty, dtype=np.float32),
+        paths=[str(p) for p in embeddings.paths],
+        labels=np.asarray(embeddings.labels, dtype=np.int64),
+        meta=meta,
+    )
+
+
+def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
+    """Write ``index`` into ``directory`` (created): index.faiss, embeddings.npz, meta.json."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / INDEX_FILE) as tmp:
+        faiss.write_index(index.index, str(tmp))
+    atomic_write(folder / ARRAYS_FILE, lambda fh: np.savez(
+        fh, semantic=index.semantic, uncertainty=index.uncertainty))
+    meta = {
+        **index.meta,
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "idml_version": __version__,
+        "kind": index.kind,
+        "params": index.params,
+        "semantic_dim": index.semantic_dim,
+        "uncertainty_dim": index.uncertainty_dim,
+        "count": len(index),
+        "paths": index.paths,
+        "labels": index.labels.tolist(),
+        "sha256": {name: sha256_file(folder / name) for name in (INDEX_FILE, ARRAYS_FILE)},
+    }
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
+    index.location = str(folder)
+    return folder
+
+
+def load_index(directory: str | os.PathLike) -> RetrievalIndex:
+    """Read an index folder written by :func:`save_index`, checking every file.
+
+    A missing, damaged or inconsistent file raises :class:`IndexFormatError` naming it.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise IndexFormatError(f"index folder {folder} does not exist")
+    for name in (META_FILE, INDEX_FILE, ARRAYS_FILE):
+        if not (folder / name).is_file():
+            raise IndexFormatError(f"index folder {folder} lacks {name} (not an idml index, "
+                                   "or an incomplete copy)")
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{meta_path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        raise IndexFormatError(f"{meta_path} is not the meta file of an idml index")
+    if meta.get("version") != INDEX_VERSION:
+        raise IndexFormatError(f"{meta_path}: index version {meta.get('version')!r}; this idml "
+                               f"reads {INDEX_VERSION}")
+    required = ("kind", "params", "semantic_dim", "uncertainty_dim", "count", "paths",
+                "labels", "sha256")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise IndexFormatError(f"{meta_path} lacks {', '.join(missing)}")
+    kind = meta["kind"]
+    if kind not in KINDS:
+        raise IndexFormatError(f"{meta_path}: unknown index kind {kind!r}")
+    for name in (INDEX_FILE, ARRAYS_FILE):
+        expected = (meta["sha256"] or {}).get(name)
+        if expected is not None and sha256_file(folder / name) != expected:
+            raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "
+                                   f"differs from the one recorded in {meta_path}")
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError as exc:
+        raise IndexFormatError(f"cannot read faiss index {folder / INDEX_FILE} ({exc})") from exc
+    try:
+        with np.load(folder / ARRAYS_FILE, allow_pickle=False) as data:
+            semantic, uncertainty = data["semantic"], data["uncertainty"]
+    except Exception as exc:
+        raise IndexFormatError(f"cannot read {folder / ARRAYS_FILE} ({type(exc).__name__}: "
+                               f"{exc})") from exc
+    count, paths = meta["count"], meta["paths"]
+    labels = np.asarray(meta["labels"], dtype=np.int64)
+    problems = []
+    if type(index).__name__ != _FAISS_TYPES[kind]:
+        problems.append(f"faiss index is a {type(index).__name__}, meta says {kind}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        problems.append("faiss index does not use inner product")
+    if semantic.dtype != np.float32 or uncertainty.dtype != np.float32:
+        problems.append("embeddings are not float32")
+    dims = (semantic.shape[1:], uncertainty.shape[1:])
+    if dims != ((meta["semantic_dim"],), (meta["uncertainty_dim"],)) or index.d != dims[0][0]:
+        problems.append(f"dimensions differ (faiss {index.d}, arrays {dims}, meta "
+                        f"{meta['semantic_dim']}/{meta['uncertainty_dim']})")
+    sizes = {index.ntotal, len(semantic), len(uncertainty), len(paths), len(labels), count}
+    if len(sizes) != 1:
+        problems.append(f"item counts differ (faiss {index.ntotal}, arrays {len(semantic)}/"
+                        f"{len(uncertainty)}, paths {len(paths)}, labels {len(labels)}, "
+                        f"meta {count})")
+    if problems:
+        raise IndexFormatError(f"index folder {folder} is inconsistent: {'; '.join(problems)}")
+    keep = {k: v for k, v in meta.items() if k not in (*required, "format", "version")}
+    return RetrievalIndex(
+        index=index, kind=kind, params=dict(meta["params"]), semantic=semantic,
+        uncertainty=uncertainty, paths=[str(p) for p in paths], labels=labels, meta=keep,
+        location=str(folder),
+    )
