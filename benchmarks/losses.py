@@ -6,8 +6,9 @@ keeps everything of the CPU recipe except that the backbone is frozen: its poole
 (GAP + GMP) ImageNet features are computed once per data set (test-time transform, cached),
 and only the two heads (and the losses' proxies) train, through the library's own
 ``Trainer.train_step`` and the model's ``forward`` (the features enter as 1x1 maps that the
-model's pooling returns unchanged). Mixup then blends pooled features instead of images. Rows: ``semantic`` = the loss on cosine / Euclidean distances without
-mixup (the paper's baseline), ``introspective`` = the IDML version (ISM + mixup).
+model's pooling returns unchanged). Mixup then blends pooled features instead of images.
+Rows: ``semantic`` = the loss on cosine / Euclidean distances without mixup (the paper's
+baseline), ``introspective`` = the IDML version (ISM + mixup).
 
     IDML_DATA_ROOT=../shared/datasets python benchmarks/losses.py --preset flowers-cpu --seeds 0 1
     IDML_DATA_ROOT=../shared/datasets python benchmarks/losses.py --preset omniglot-cpu \

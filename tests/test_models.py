@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from idml.method.model import IntrospectiveNet, ModelError, create_model
+from idml.method.backbones import ModelError
+from idml.method.model import IntrospectiveNet, create_model
 
 # (backbone, input shape): small inputs keep every forward pass well under a second on a CPU.
 BACKBONES = [

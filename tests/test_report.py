@@ -20,7 +20,8 @@ from idml import cli
 from idml.data.images import CachedImageDataset, DecodedCache, ImageDataset
 from idml.data.records import Records
 from idml.data.splits import LabeledTensors
-from idml.method.model import DIGITS_SPEC, create_model
+from idml.method.backbones import DIGITS_SPEC
+from idml.method.model import create_model
 from idml.serving.report import TOP_K, _thumbnail, pick_examples
 
 EXAMPLES = 4

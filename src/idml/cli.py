@@ -10,8 +10,18 @@ from dataclasses import fields
 from typing import Any
 
 from idml import __version__
-from idml.core.config import PRESETS, RunConfig, resolve_config
+from idml.core.config import (
+    BETA_VARIANTS,
+    METRICS,
+    MODES,
+    PRECISIONS,
+    PRESETS,
+    RunConfig,
+    resolve_config,
+)
 from idml.data.download import SOURCES
+from idml.data.registry import DATASETS
+from idml.method.losses import LOSSES
 
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
@@ -19,12 +29,25 @@ _NONE_DEFAULT_TYPES: dict[str, type] = {
 }
 _HELP: dict[str, str] = {
     "metric": "semantic (plain baseline) or introspective (IDML)",
+    "backbone": "digits_cnn, tv_resnet50, tv_googlenet, or any convolutional timm model "
+                "(resnet*, efficientnet*, convnext*, regnet*, ...; list them with "
+                "python -c \"import timm; print(timm.list_models('resnet*'))\")",
+    "loss": "proxy_anchor is the paper's; angular is semantic-only",
+    "dataset": "; ".join(f"{name}: {info.summary}" for name, info in DATASETS.items()),
+    "data_root": "folder (or file) of the data set [$IDML_DATA_ROOT/<its usual name>]",
     "mode": "default, or reference to reproduce the authors' release numerics",
     "out": "run folder (default: runs/<time>-<dataset>-<metric>)",
     "pretrained": "none, timm (needs network), package (efficientnet_lite0), or a weights file",
     "val_fraction": "fraction of training classes held out to pick the best epoch (0: last)",
     "device": "auto, cpu, cuda, cuda:N or mps (under torchrun: auto/cuda -> cuda:LOCAL_RANK)",
     "batch_size": "the global batch, split over torchrun processes",
+}
+
+
+#: The closed choices of config fields, read from the registries and the config itself.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "metric": METRICS, "mode": MODES,
+    "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
 }
 
 
@@ -35,7 +58,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = _HELP.get(f.name, "") + f" [digits default: {default}]"
-        if isinstance(default, bool):
+        if f.name in _CHOICES:
+            parser.add_argument(flag, choices=_CHOICES[f.name], default=None,
+                                help=help_text.lstrip())
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         elif isinstance(default, list):

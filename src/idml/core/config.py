@@ -135,14 +135,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "inshop": {**_PAPER, "dataset": "inshop", "lr": 6e-4, "lr_step": 10, "lr_gamma": 0.25,
                "eval_ks": [1, 10, 20, 30, 40, 50]},
     "cpu": {**_CPU, "dataset": "folder"},
-    "flowers-cpu": {**_CPU, "dataset": "folder", "train_classes": "0.5",
-                    "data_root": "../shared/datasets/flowers102/images"},
-    "omniglot-cpu": {**_CPU, "dataset": "omniglot", "image_size": 64,
-                     "data_root": "../shared/datasets/omniglot.tar.gz"},
+    # Data roots come from --data-root or $IDML_DATA_ROOT (idml.data.registry), never a preset.
+    "flowers-cpu": {**_CPU, "dataset": "flowers102"},
+    "omniglot-cpu": {**_CPU, "dataset": "omniglot", "image_size": 64},
 }
 #: The preset a bare ``--dataset NAME`` starts from.
 DATASET_PRESETS = {"digits": "digits", "cub": "cub", "cars": "cars", "sop": "sop",
-                   "inshop": "inshop", "omniglot": "omniglot-cpu"}
+                   "inshop": "inshop", "omniglot": "omniglot-cpu", "flowers102": "flowers-cpu"}
 
 
 def default_preset(dataset: str | None) -> str:
