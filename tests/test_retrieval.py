@@ -30,7 +30,7 @@ def random_set(n=3000, d=16, du=8, seed=0, scale=0.5) -> EmbeddingSet:
 
 
 def numpy_d_in(cos, uq, uj, a, b, variant):
-    """docs/idml-method.md section 3, cosine form, in float64:
+    """docs/method.md section 3, cosine form, in float64:
     D_IN = alpha * exp(-(beta + b) / (a * d)), alpha = 1 - cos, d = ||s_q - s_j||^2 = 2 - 2 cos,
     beta = ||u_q - u_j||^2 (difference) or ||u_q||^2 + ||u_j||^2 (sum)."""
     cos, uq, uj = (np.asarray(v, np.float64) for v in (cos, uq, uj))

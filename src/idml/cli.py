@@ -19,6 +19,7 @@ from idml.core.config import (
     RunConfig,
     resolve_config,
 )
+from idml.core.errors import IdmlError
 from idml.data.download import SOURCES
 from idml.data.registry import DATASETS
 from idml.method.losses import LOSSES
@@ -256,7 +257,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from idml.serving.embeddings import save_embeddings
 
     if (args.source is None) == (args.split is None):
-        raise ValueError("give either SOURCE (a folder or CSV manifest) or --split, not both")
+        raise IdmlError("give either SOURCE (a folder or CSV manifest) or --split, not both")
     embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)
     if args.split is not None:
         emb = embed_split(embedder, args.split)
@@ -278,9 +279,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
     if args.kind != "ivf" and any(v is not None for v in ivf):
-        raise ValueError("--nlist/--nprobe apply to --kind ivf only")
+        raise IdmlError("--nlist/--nprobe apply to --kind ivf only")
     if args.kind != "hnsw" and any(v is not None for v in hnsw):
-        raise ValueError("--hnsw-m/--ef-search apply to --kind hnsw only")
+        raise IdmlError("--hnsw-m/--ef-search apply to --kind hnsw only")
     options: dict[str, Any] = {"nlist": args.nlist, "nprobe": args.nprobe}
     if args.hnsw_m is not None:
         options["hnsw_m"] = args.hnsw_m

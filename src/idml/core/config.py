@@ -111,7 +111,7 @@ class RunConfig:
         return self
 
 
-# The paper's recipe (ResNet-50, 512-d, Proxy-Anchor; docs/idml-method.md section 4).
+# The paper's recipe (ResNet-50, 512-d, Proxy-Anchor; docs/method.md section 7).
 _PAPER: dict[str, Any] = {
     "backbone": "tv_resnet50", "pretrained": "timm", "embedding_dim": 512, "batch_size": 120,
     "epochs": 60, "warmup_epochs": 5, "weight_decay": 1e-4, "freeze_bn": True,

@@ -107,21 +107,21 @@ class DatasetFile:
 
     def __post_init__(self) -> None:
         if not self.filename or "/" in self.filename or "\\" in self.filename:
-            raise ValueError(f"filename must be a plain file name, not {self.filename!r}")
+            raise IdmlError(f"filename must be a plain file name, not {self.filename!r}")
         if self.filename in (".", "..") or self.filename == PARTIAL_DIR:
-            raise ValueError(f"filename {self.filename!r} is reserved")
+            raise IdmlError(f"filename {self.filename!r} is reserved")
         for algo, digest, length in (("sha256", self.sha256, 64), ("md5", self.md5, 32)):
             if digest is not None and not re.fullmatch(f"[0-9a-f]{{{length}}}", digest):
-                raise ValueError(f"{self.filename}: {algo} must be {length} lowercase hex digits")
+                raise IdmlError(f"{self.filename}: {algo} must be {length} lowercase hex digits")
         for label, rel in (("dest", self.dest), ("produces", self.produces)):
             if rel and _relative_parts(rel) is None:
-                raise ValueError(f"{self.filename}: {label} {rel!r} must stay inside root")
+                raise IdmlError(f"{self.filename}: {label} {rel!r} must stay inside root")
         if not self.produces:
-            raise ValueError(f"{self.filename}: produces must name a path")
+            raise IdmlError(f"{self.filename}: produces must name a path")
         if self.dest and not _is_within(self.produces, self.dest):
-            raise ValueError(f"{self.filename}: produces {self.produces!r} is not in {self.dest!r}")
+            raise IdmlError(f"{self.filename}: produces {self.produces!r} is not in {self.dest!r}")
         if self.archive is None and self.produces != str(PurePosixPath(self.dest, self.filename)):
-            raise ValueError(f"{self.filename}: a plain file produces itself, dest/filename")
+            raise IdmlError(f"{self.filename}: a plain file produces itself, dest/filename")
 
     @property
     def checksums(self) -> dict[str, str]:

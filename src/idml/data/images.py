@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from idml.core.errors import IdmlError
 from idml.core.io import atomic_path
 from idml.data.cache import fingerprint
 from idml.data.records import DatasetError, Records
@@ -175,7 +176,7 @@ class DecodedCache:
 
     def __init__(self, data: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor) -> None:
         if len(offsets) != len(shapes) + 1 or int(offsets[-1]) != data.numel():
-            raise ValueError("inconsistent decoded cache: offsets do not match data/shapes")
+            raise IdmlError("inconsistent decoded cache: offsets do not match data/shapes")
         self.data, self.offsets, self.shapes = data, offsets, shapes
 
     @classmethod
@@ -215,7 +216,7 @@ class DecodedCache:
     def load(cls, path: Path) -> DecodedCache:
         state = torch.load(path, weights_only=True, mmap=True)
         if state.get("format") != _CACHE_FORMAT:
-            raise ValueError(f"{path}: decoded cache format {state.get('format')!r} unknown")
+            raise IdmlError(f"{path}: decoded cache format {state.get('format')!r} unknown")
         return cls(state["data"], state["offsets"], state["shapes"])
 
 
@@ -264,7 +265,7 @@ class CachedImageDataset(Dataset):
 
     def __init__(self, cache: DecodedCache, labels: Sequence[int], transform: Any = None) -> None:
         if len(cache) != len(labels):
-            raise ValueError(f"{len(cache)} cached images but {len(labels)} labels")
+            raise IdmlError(f"{len(cache)} cached images but {len(labels)} labels")
         self.cache, self.labels, self.transform = cache, list(labels), transform
 
     def __len__(self) -> int:

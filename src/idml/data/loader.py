@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+from idml.core.errors import IdmlError
+
 _PML_RNG_LOCK = threading.Lock()
 
 
@@ -61,9 +63,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self, sampler: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a job of {world_size} processes")
+            raise IdmlError(f"rank {rank} is not in a job of {world_size} processes")
         if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} is the global batch and must be "
+            raise IdmlError(f"batch_size={batch_size} is the global batch and must be "
                              f"divisible by the number of processes ({world_size})")
         self.sampler, self.batch_size = sampler, batch_size
         self.rank, self.world_size = rank, world_size
@@ -122,14 +124,14 @@ def make_train_loader(
     else:
         num_classes = len(set(int(y) for y in labels))
         if batch_size % m_per_class:
-            raise ValueError(f"m_per_class={m_per_class} must divide batch_size={batch_size}")
+            raise IdmlError(f"m_per_class={m_per_class} must divide batch_size={batch_size}")
         if m_per_class * num_classes < batch_size:
-            raise ValueError(
+            raise IdmlError(
                 f"batch_size={batch_size} needs {batch_size // m_per_class} classes at "
                 f"m_per_class={m_per_class}, but the training set has {num_classes}"
             )
         if len(labels) != len(dataset):  # type: ignore[arg-type]
-            raise ValueError(f"{len(labels)} labels for a dataset of {len(dataset)}")  # type: ignore[arg-type]
+            raise IdmlError(f"{len(labels)} labels for a dataset of {len(dataset)}")  # type: ignore[arg-type]
         sampler = _m_per_class_sampler_class()(
             np.asarray(labels), m_per_class, batch_size, max(len(labels), batch_size), seed
         )

@@ -3,7 +3,7 @@
 Each reader takes the data set's folder (or file) and returns :class:`DatasetSplits` of plain
 records: image paths with the data set's own integer class ids; no image is decoded here.
 Train classes are disjoint from test classes (the zero-shot retrieval protocol,
-``docs/idml-method.md`` section 6). :mod:`idml.data.registry` lists the data sets and
+``docs/method.md``). :mod:`idml.data.registry` lists the data sets and
 dispatches to these readers (:func:`idml.data.registry.read_dataset`).
 
 Anything malformed raises :class:`DatasetError` naming the file (and line or field) and what

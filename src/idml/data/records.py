@@ -28,7 +28,7 @@ class Records:
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+            raise IdmlError(f"{len(self.paths)} paths but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.paths)

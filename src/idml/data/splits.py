@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from idml.core.errors import IdmlError
+
 
 class LabeledTensors(Dataset):
     """In-memory images ``[N, C, H, W]`` (float, already normalised) with integer labels."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise IdmlError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels
 
     def __len__(self) -> int:
@@ -67,7 +69,7 @@ def validation_mask(labels: torch.Tensor, fraction: float) -> torch.Tensor | Non
     classes = torch.unique(labels)
     n_val = int(round(fraction * len(classes)))
     if n_val < 2 or n_val > len(classes) - 2:
-        raise ValueError(
+        raise IdmlError(
             f"val_fraction={fraction} leaves {n_val} validation class(es) of {len(classes)}; "
             "need at least 2 for validation and 2 for training"
         )

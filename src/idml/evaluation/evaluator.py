@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from idml.core.config import RunConfig
+from idml.core.errors import IdmlError
 from idml.core.runtime import autocast
 from idml.data.splits import RetrievalSplits, labels_of
 from idml.evaluation.knn import knn
@@ -121,9 +122,9 @@ def evaluate_model(
         return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
 
     if part not in ("test", "val"):
-        raise ValueError(f"unknown split {part!r}; use 'test' or 'val'")
+        raise IdmlError(f"unknown split {part!r}; use 'test' or 'val'")
     if part == "val" and splits.val is None:
-        raise ValueError("no validation split: set val_fraction > 0")
+        raise IdmlError("no validation split: set val_fraction > 0")
     data = splits.val if part == "val" else splits.test
     ks = tuple(cfg.eval_ks)
     if data is not None:
@@ -139,7 +140,7 @@ def evaluate_model(
             summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
         return metrics, {**summary, "risk_coverage": report}
     if splits.query is None or splits.gallery is None:
-        raise ValueError(f"the data set has no {part} split")
+        raise IdmlError(f"the data set has no {part} split")
     s, u, y = embed(splits.query)
     gs, _, gy = embed(splits.gallery)
     depth = min(max(2, evaluation_depth(y, ks, gy)), len(gy))

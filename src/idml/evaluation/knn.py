@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from idml.core.errors import IdmlError
 from idml.method.metric import float32_region
 
 #: Unit roundoff of bfloat16 (8 significant bits, round to nearest).
@@ -63,16 +64,16 @@ def _full_precision_reductions(device: torch.device) -> Iterator[None]:
 def _check(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool,
            chunk_size: int) -> int:
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
+        raise IdmlError(
             f"expected [Q, D] and [N, D], got {tuple(query.shape)}, {tuple(reference.shape)}"
         )
     if exclude_self and query.shape[0] != reference.shape[0]:
-        raise ValueError("exclude_self=True needs query and reference to be the same set")
+        raise IdmlError("exclude_self=True needs query and reference to be the same set")
     available = reference.shape[0] - int(exclude_self)
     if not 1 <= k <= available:
-        raise ValueError(f"k={k} must be in [1, {available}]")
+        raise IdmlError(f"k={k} must be in [1, {available}]")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise IdmlError(f"chunk_size must be positive, got {chunk_size}")
     return available
 
 

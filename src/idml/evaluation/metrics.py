@@ -1,4 +1,4 @@
-"""Zero-shot retrieval evaluation as pure functions (``docs/idml-method.md``, section 6).
+"""Zero-shot retrieval evaluation as pure functions (the protocol of ``docs/method.md``).
 
 Two protocols:
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
+from idml.core.errors import IdmlError
 from idml.evaluation.knn import knn
 
 #: Recall@K depths of the CUB-200-2011 / Cars196 protocol (SOP uses 1, 10, 100, 1000).
@@ -45,7 +46,7 @@ def recall_at_k(
     """
     depth = neighbour_labels.shape[1]
     if max(ks) > depth:
-        raise ValueError(f"recall@{max(ks)} needs {max(ks)} neighbours, got {depth}")
+        raise IdmlError(f"recall@{max(ks)} needs {max(ks)} neighbours, got {depth}")
     hits = neighbour_labels == query_labels[:, None]
     return {k: hits[:, :k].any(dim=1).double().mean().item() for k in ks}
 
@@ -68,7 +69,7 @@ def r_precision_and_map_at_r(
     neighbour_labels, query_labels, r = neighbour_labels[keep], query_labels[keep], r[keep]
     max_r = int(r.max())
     if max_r > neighbour_labels.shape[1]:
-        raise ValueError(f"MAP@R needs {max_r} neighbours, got {neighbour_labels.shape[1]}")
+        raise IdmlError(f"MAP@R needs {max_r} neighbours, got {neighbour_labels.shape[1]}")
 
     ranks = torch.arange(1, max_r + 1, device=r.device)
     within_r = ranks[None, :] <= r[:, None]
@@ -121,7 +122,7 @@ def cluster_nmi_f1(
     y = labels.detach().cpu().numpy().ravel()
     num_clusters = len(np.unique(y))
     if num_clusters > x.shape[0]:
-        raise ValueError("more classes than points")
+        raise IdmlError("more classes than points")
     kmeans = faiss.Kmeans(
         x.shape[1], num_clusters, niter=KMEANS_NITER, seed=seed, spherical=False, verbose=False
     )
@@ -181,7 +182,7 @@ def _given_neighbours(neighbours: tuple[torch.Tensor, torch.Tensor], depth: int,
                       device: torch.device) -> torch.Tensor:
     indices = neighbours[1]
     if indices.shape[1] < depth:
-        raise ValueError(f"the neighbours given have {indices.shape[1]} columns; the metrics "
+        raise IdmlError(f"the neighbours given have {indices.shape[1]} columns; the metrics "
                          f"need {depth}")
     return indices[:, :depth].to(device)
 
@@ -204,10 +205,10 @@ def retrieval_metrics(
     is truncated. ``neighbours``: a ``knn`` result of at least that depth, if already computed.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-        raise ValueError("embeddings must be [N, D] with one label per row")
+        raise IdmlError("embeddings must be [N, D] with one label per row")
     n = embeddings.shape[0]
     if n < 2:
-        raise ValueError("need at least two items")
+        raise IdmlError("need at least two items")
     x = F.normalize(embeddings.detach().float(), dim=1)
     labels = labels.detach().to(x.device).reshape(-1)
 
@@ -240,7 +241,7 @@ def query_gallery_metrics(
     as misses for Recall@K and are skipped for RP / MAP@R).
     """
     if query.shape[0] != query_labels.shape[0] or gallery.shape[0] != gallery_labels.shape[0]:
-        raise ValueError("one label per embedding is required")
+        raise IdmlError("one label per embedding is required")
     q = F.normalize(query.detach().float(), dim=1)
     g = F.normalize(gallery.detach().float(), dim=1).to(q.device)
     query_labels = query_labels.detach().to(q.device).reshape(-1)

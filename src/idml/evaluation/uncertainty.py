@@ -1,6 +1,6 @@
 """How well the uncertainty embedding ranks retrieval queries by trust, as pure functions.
 
-``docs/idml-method.md`` section 8: drop the most uncertain queries and Recall@1 of the rest
+``docs/method.md`` section 8: drop the most uncertain queries and Recall@1 of the rest
 should rise. The per-image uncertainty is ``||u||^2`` (:func:`uncertainty_score`); a query
 *fails* when its nearest neighbour (leave-one-out, or against a gallery) has another label
 (:func:`query_correct`). From a confidence and the failures, :func:`risk_coverage` gives the
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from idml.core.errors import IdmlError
 from idml.evaluation.knn import knn
 from idml.method.metric import uncertainty_score
 
@@ -35,12 +36,12 @@ def _check_gallery(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised ``(query, reference)``; the reference is the query set itself if no gallery."""
     if semantic.ndim != 2:
-        raise ValueError(f"expected [N, D] semantic embeddings, got {tuple(semantic.shape)}")
+        raise IdmlError(f"expected [N, D] semantic embeddings, got {tuple(semantic.shape)}")
     q = F.normalize(semantic.detach().float(), dim=1)
     if gallery is None:
         return q, q
     if gallery.ndim != 2 or gallery.shape[1] != semantic.shape[1]:
-        raise ValueError(f"gallery must be [M, {semantic.shape[1]}], got {tuple(gallery.shape)}")
+        raise IdmlError(f"gallery must be [M, {semantic.shape[1]}], got {tuple(gallery.shape)}")
     return q, F.normalize(gallery.detach().float(), dim=1).to(q.device)
 
 
@@ -59,9 +60,9 @@ def query_correct(
     ``gallery_labels`` (both or neither). The mean is Recall@1.
     """
     if (gallery is None) != (gallery_labels is None):
-        raise ValueError("pass gallery and gallery_labels together")
+        raise IdmlError("pass gallery and gallery_labels together")
     if labels.shape[0] != semantic.shape[0]:
-        raise ValueError("one label per query is required")
+        raise IdmlError("one label per query is required")
     q, ref = _check_gallery(semantic, gallery)
     labels = labels.detach().reshape(-1).to(q.device)
     if gallery_labels is None:
@@ -69,7 +70,7 @@ def query_correct(
     else:
         ref_labels = gallery_labels.detach().reshape(-1).to(q.device)
         if ref_labels.shape[0] != ref.shape[0]:
-            raise ValueError("one label per gallery item is required")
+            raise IdmlError("one label per gallery item is required")
     _, idx = neighbours if neighbours is not None else knn(q, ref, 1,
                                                            exclude_self=gallery is None)
     return ref_labels[idx[:, 0].to(q.device)] == labels
@@ -146,9 +147,9 @@ def risk_coverage(
     ok = _as_numpy(correct, bool)
     n = len(conf)
     if n == 0 or len(ok) != n:
-        raise ValueError(f"need one correctness flag per confidence, got {n} and {len(ok)}")
+        raise IdmlError(f"need one correctness flag per confidence, got {n} and {len(ok)}")
     if np.isnan(conf).any():
-        raise ValueError("confidence contains NaN")
+        raise IdmlError("confidence contains NaN")
     errors = (~ok).astype(np.float64)
     k = np.arange(1, n + 1, dtype=np.float64)
     risk = _expected_cumulative_errors(conf, errors) / k
@@ -163,7 +164,7 @@ def risk_coverage(
     }
     for c in coverages:
         if not 0.0 < c <= 1.0:
-            raise ValueError(f"coverage must be in (0, 1], got {c}")
+            raise IdmlError(f"coverage must be in (0, 1], got {c}")
         # The small tolerance keeps e.g. 0.7 * 10 = 7.000000000000001 at k = 7.
         top = min(max(math.ceil(c * n - 1e-9), 1), n)
         out[_coverage_key(c)] = float(1.0 - risk[top - 1])
@@ -226,7 +227,7 @@ def uncertainty_report(
     ``neighbours``: the queries' ``knn`` result (at least 2 columns), if already computed.
     """
     if uncertainty.shape[0] != semantic.shape[0]:
-        raise ValueError("one uncertainty embedding per query is required")
+        raise IdmlError("one uncertainty embedding per query is required")
     correct = _as_numpy(
         query_correct(semantic, labels, gallery=gallery, gallery_labels=gallery_labels,
                       neighbours=neighbours), bool
@@ -252,7 +253,7 @@ def mixup_ambiguity_auroc(
     clean = _as_numpy(clean_scores, np.float64)
     mixed = _as_numpy(mixed_scores, np.float64)
     if len(clean) == 0 or len(mixed) == 0:
-        raise ValueError("need at least one clean and one mixed score")
+        raise IdmlError("need at least one clean and one mixed score")
     y = np.r_[np.zeros(len(clean)), np.ones(len(mixed))]
     return float(roc_auc_score(y, np.r_[clean, mixed]))
 

@@ -172,7 +172,7 @@ def _timm_backbone(
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(
+        raise IdmlError(
             f"unknown backbone {name!r}: use 'digits_cnn', {', '.join(TORCHVISION_BACKBONES)}, "
             "or a timm model name (find them with timm.list_models('*resnet*'), "
             "or timm.list_models(pretrained=True) for those with weights)"

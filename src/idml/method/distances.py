@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance
 
+from idml.core.errors import IdmlError
 from idml.method.metric import (
     RELEASE_A,
     RELEASE_B,
@@ -60,7 +61,7 @@ class IntrospectiveDistance(BaseDistance):
         normalize_embeddings: L2-normalise the semantic half (only) before comparing.
 
     Only the semantic half is normalised (:meth:`normalize`); the uncertainty half must keep
-    its norm or ``beta`` would be constant (method page, defect 5a).
+    its norm or ``beta`` would be constant (``docs/method.md`` section 9, defect 5a).
 
     A reference (e.g. a proxy) that has only ``semantic_dim`` columns has zero uncertainty;
     one with ``semantic_dim + uncertainty_dim`` columns carries a (learned) uncertainty.
@@ -79,9 +80,9 @@ class IntrospectiveDistance(BaseDistance):
         normalize_embeddings: bool = True,
     ) -> None:
         if form not in ("cosine", "euclidean"):
-            raise ValueError(f"unknown form {form!r}; use 'cosine' or 'euclidean'")
+            raise IdmlError(f"unknown form {form!r}; use 'cosine' or 'euclidean'")
         if beta not in ("difference", "sum"):
-            raise ValueError(f"unknown uncertainty distance {beta!r}; use 'difference' or 'sum'")
+            raise IdmlError(f"unknown uncertainty distance {beta!r}; use 'difference' or 'sum'")
         super().__init__(
             normalize_embeddings=normalize_embeddings,
             p=2,
@@ -95,7 +96,7 @@ class IntrospectiveDistance(BaseDistance):
         """``(semantic, uncertainty)`` halves along ``dim`` (the uncertainty may be empty)."""
         width = embeddings.size(dim)
         if width < self.semantic_dim:
-            raise ValueError(
+            raise IdmlError(
                 f"embeddings have {width} columns, fewer than semantic_dim={self.semantic_dim}"
             )
         return (
@@ -126,7 +127,7 @@ class IntrospectiveDistance(BaseDistance):
         elif u.size(1) == 0 and v.size(1) > 0:
             u = u.new_zeros(u.size(0), v.size(1))
         if u.size(1) != v.size(1):
-            raise ValueError(f"uncertainty widths differ: query {u.size(1)}, reference {v.size(1)}")
+            raise IdmlError(f"uncertainty widths differ: query {u.size(1)}, reference {v.size(1)}")
         return s, u, t, v
 
     def _ism(self, s, u, t, v) -> torch.Tensor:
@@ -143,7 +144,7 @@ class IntrospectiveDistance(BaseDistance):
     def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
         """[N] ISM of row ``i`` of ``query_emb`` with row ``i`` of ``ref_emb``."""
         if query_emb.size(0) != ref_emb.size(0):
-            raise ValueError("pairwise_distance compares paired rows: give equal row counts")
+            raise IdmlError("pairwise_distance compares paired rows: give equal row counts")
 
         def one_pair(s, u, t, v):  # the pairwise formula on a 1 x 1 problem, vectorised
             return self._ism(s[None], u[None], t[None], v[None])[0, 0]

@@ -20,6 +20,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 from torch import nn
 
+from idml.core.errors import IdmlError
 from idml.method.distances import IntrospectiveDistance
 from idml.method.metric import (
     RELEASE_A,
@@ -65,7 +66,7 @@ class ProxyAnchorLoss(nn.Module):
     ) -> None:
         super().__init__()
         if metric not in ("semantic", "introspective"):
-            raise ValueError(f"unknown metric {metric!r}; use 'semantic' or 'introspective'")
+            raise IdmlError(f"unknown metric {metric!r}; use 'semantic' or 'introspective'")
         self.num_classes, self.margin, self.scale = num_classes, margin, scale
         self.metric, self.a, self.b, self.reference = metric, a, b, reference
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
@@ -212,7 +213,7 @@ class LossSetup:
         if self.metric == "semantic":
             return semantic
         if not isinstance(semantic, (CosineSimilarity, LpDistance)) or semantic.p != 2:
-            raise ValueError(f"no introspective counterpart for {semantic!r}")
+            raise IdmlError(f"no introspective counterpart for {semantic!r}")
         return IntrospectiveDistance(
             self.embedding_dim,
             form="cosine" if semantic.is_inverted else "euclidean",
@@ -468,7 +469,7 @@ class LossEntry:
 
 
 LOSSES: dict[str, LossEntry] = {
-    # the paper's losses (method page, section 4)
+    # the paper's losses (``docs/method.md`` section 7)
     "proxy_anchor": LossEntry(_proxy_anchor),
     "triplet": LossEntry(_triplet),
     "proxy_nca": LossEntry(_proxy_nca),
@@ -514,12 +515,12 @@ def build_loss(
     ignored under the semantic metric). Every returned module has ``proxy_parameters()``.
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        raise IdmlError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
     if metric not in ("semantic", "introspective"):
-        raise ValueError(f"unknown metric {metric!r}; use 'semantic' or 'introspective'")
+        raise IdmlError(f"unknown metric {metric!r}; use 'semantic' or 'introspective'")
     entry = LOSSES[name]
     if metric == "introspective" and entry.semantic_only is not None:
-        raise ValueError(f"{name} cannot use the introspective metric: {entry.semantic_only}")
+        raise IdmlError(f"{name} cannot use the introspective metric: {entry.semantic_only}")
     setup = LossSetup(
         num_classes, embedding_dim, uncertainty_dim, metric, a=ism_a, b=ism_b, beta=ism_beta
     )

@@ -1,6 +1,6 @@
 """The introspective similarity metric (ISM) as pure functions.
 
-Notation follows ``docs/idml-method.md`` (section 3). For a pair (i, j):
+Notation follows ``docs/method.md`` (section 3). For a pair (i, j):
 
 * ``alpha`` -- semantic distance: ``1 - cos(s_i, s_j)`` (cosine form) or
   ``||s_i - s_j||^2`` (Euclidean form);
@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from idml.core.errors import IdmlError
+
 Form = Literal["cosine", "euclidean"]
 BetaVariant = Literal["difference", "sum"]
 
@@ -57,11 +59,11 @@ def uncertainty_score(uncertainty: torch.Tensor) -> torch.Tensor:
 
     The one definition in idml: the ``beta`` of an image against a proxy (whose uncertainty
     is zero), the confidence that evaluation ranks queries by, and the score search reports.
-    Larger means more ambiguous. ``u`` is not normalised (it must not be: method page, defect
-    5a). Differentiable; callers that report it detach it.
+    Larger means more ambiguous. ``u`` is not normalised (it must not be: ``docs/method.md``
+    section 9, defect 5a). Differentiable; callers that report it detach it.
     """
     if uncertainty.ndim != 2:
-        raise ValueError(f"expected [N, D], got {tuple(uncertainty.shape)}")
+        raise IdmlError(f"expected [N, D], got {tuple(uncertainty.shape)}")
     return uncertainty.float().pow(2).sum(dim=1)
 
 
@@ -86,7 +88,7 @@ def uncertainty_distance(
     if variant == "sum":
         u, v = u.float(), v.float()
         return u.pow(2).sum(1, keepdim=True) + v.pow(2).sum(1).unsqueeze(0)
-    raise ValueError(f"unknown uncertainty distance {variant!r}; use 'difference' or 'sum'")
+    raise IdmlError(f"unknown uncertainty distance {variant!r}; use 'difference' or 'sum'")
 
 
 def introspective_distance(
@@ -128,7 +130,7 @@ def pairwise_introspective(
     (Euclidean form, smaller = closer).
     """
     if (t is None) != (v is None):
-        raise ValueError("give both t and v, or neither")
+        raise IdmlError("give both t and v, or neither")
     t, v = (s, u) if t is None else (t, v)
     with float32_region(s.device):
         cos = s.float() @ t.float().T
@@ -138,7 +140,7 @@ def pairwise_introspective(
             return 1.0 - introspective_distance(1.0 - cos, bet, sq, a=a, b=b)
         if form == "euclidean":
             return introspective_distance(sq, bet, sq, a=a, b=b)
-    raise ValueError(f"unknown form {form!r}; use 'cosine' or 'euclidean'")
+    raise IdmlError(f"unknown form {form!r}; use 'cosine' or 'euclidean'")
 
 
 def proxy_introspective_similarity(

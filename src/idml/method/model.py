@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idml.core.config import RunConfig
+from idml.core.errors import IdmlError
 from idml.method.backbones import IMAGENET_SPEC, create_backbone, freeze_batch_norms
 
 
@@ -88,7 +89,7 @@ class IntrospectiveNet(nn.Module):
         # Guards against token outputs ([B, N, C]) and channels-last maps (e.g. timm's Swin),
         # which would otherwise be pooled over the wrong dimensions without an error.
         if fmap.ndim != 4 or fmap.shape[1] != self.feature_dim:
-            raise ValueError(
+            raise IdmlError(
                 f"backbone must return a [B, {self.feature_dim}, h, w] feature map, "
                 f"got shape {tuple(fmap.shape)}"
             )

@@ -26,6 +26,7 @@ from PIL import Image
 from idml import __version__
 from idml.core.checkpoint import weights_fingerprint
 from idml.core.config import RunConfig
+from idml.core.errors import IdmlError
 from idml.core.runtime import select_device
 from idml.data.digits import DIGIT_NAMES, load_digits_splits
 from idml.data.images import io_threads, to_rgb, to_storage_mode
@@ -56,7 +57,7 @@ def _read_image(item: ImageInput) -> Image.Image:
             img.load()
             return to_storage_mode(img)
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise ValueError(f"image {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+        raise IdmlError(f"image {path} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 class Embedder:
@@ -128,7 +129,7 @@ class Embedder:
         if torch.is_tensor(images):
             want = tuple(self.model.input_spec["input_size"])[0]
             if images.ndim != 4 or images.shape[1] != want or not images.is_floating_point():
-                raise ValueError(
+                raise IdmlError(
                     f"a tensor input must be preprocessed float [B, {want}, H, W], "
                     f"got {images.dtype} {tuple(images.shape)}"
                 )
@@ -158,7 +159,7 @@ class Embedder:
         """
         batch_size = batch_size or self.batch_size
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise IdmlError(f"batch_size must be >= 1, got {batch_size}")
         self.model.eval()
         sem, unc = [], []
         for batch in self._batches(images, batch_size):
@@ -252,7 +253,7 @@ def embed_split(
         splits = load_digits_splits(tuple(spec["mean"]), tuple(spec["std"]), 0.0, False)
         data = {"train": splits.train, "test": splits.test}.get(split)
         if data is None:
-            raise ValueError(f"the digits data set has no {split!r} split; use train or test")
+            raise IdmlError(f"the digits data set has no {split!r} split; use train or test")
         semantic, uncertainty = embedder.embed(data.images, batch_size=batch_size)
         paths = [f"digits/{split}/{i:04d}" for i in range(len(data))]
         source = Source(paths, [int(y) for y in data.labels], DIGIT_NAMES)

@@ -20,7 +20,6 @@ import copy
 import importlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from idml.core.errors import IdmlError
+from idml.core.io import atomic_path
 from idml.data.registry import get_dataset
 from idml.method.model import IntrospectiveNet
 
@@ -132,21 +132,6 @@ def _prepare_target(path: str | Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path``, renamed onto it only when the body succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 #: Lowest opset the torch.export-based exporter emits natively; older ones use the legacy path.
 DYNAMO_MIN_OPSET = 18
 
@@ -181,7 +166,7 @@ def export_onnx(
         size = sum(p.numel() * p.element_size() for p in net.parameters())
         try:
             if legacy:
-                with _atomic_target(path) as tmp:
+                with atomic_path(path) as tmp:
                     torch.onnx.export(
                         net, (example,), os.fspath(tmp), dynamo=False, opset_version=opset,
                         input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
@@ -203,7 +188,7 @@ def export_onnx(
         if size > _PROTOBUF_LIMIT:
             program.save(os.fspath(path), external_data=True)
         else:
-            with _atomic_target(path) as tmp:
+            with atomic_path(path) as tmp:
                 program.save(os.fspath(tmp), external_data=False)
     if opset is not None:
         proto = onnx.load(os.fspath(path), load_external_data=False)
@@ -233,7 +218,7 @@ def export_torchscript(model: IntrospectiveNet, path: str | Path, example: torch
             raise ExportError(f"TorchScript export failed ({type(exc).__name__}: {exc})") \
                 from exc
         extra = {TORCHSCRIPT_EXTRA: json.dumps(input_metadata(model, example))}
-        with _atomic_target(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.jit.save(traced, os.fspath(tmp), _extra_files=extra)
     return path
 
@@ -295,7 +280,7 @@ def export_model(
     if image_size is not None and image_size < 1:
         raise ExportError(f"image size must be positive, got {image_size}")
     if opset is not None and fmt != "onnx":
-        raise ExportError("--opset applies to ONNX export only")
+        raise ExportError("opset= applies to ONNX export only")
     example = example_input(model, image_size)
     if fmt == "onnx":
         return export_onnx(model, path, example, opset=opset)

@@ -104,7 +104,7 @@ def build_index(
     semantic = np.ascontiguousarray(embeddings.semantic, dtype=np.float32)
     n, dim = semantic.shape
     if n == 0:
-        raise ValueError("cannot index an empty embedding set")
+        raise IdmlError("cannot index an empty embedding set")
     params: dict[str, Any]
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)
@@ -112,10 +112,10 @@ def build_index(
     elif kind == "ivf":
         defaulted, nlist = nlist is None, default_nlist(n) if nlist is None else nlist
         if not 1 <= nlist <= n:
-            raise ValueError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
+            raise IdmlError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
         nprobe = default_nprobe(nlist) if nprobe is None else nprobe
         if not 1 <= nprobe <= nlist:
-            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+            raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
@@ -126,14 +126,14 @@ def build_index(
         params = {"nlist": nlist, "nprobe": nprobe, "seed": seed}
     elif kind == "hnsw":
         if hnsw_m < 2 or ef_construction < 1 or ef_search < 1:
-            raise ValueError(f"hnsw needs m >= 2 and positive ef values, got m={hnsw_m}, "
+            raise IdmlError(f"hnsw needs m >= 2 and positive ef values, got m={hnsw_m}, "
                              f"ef_construction={ef_construction}, ef_search={ef_search}")
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
         params = {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
     else:
-        raise ValueError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}")
+        raise IdmlError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}")
     index.add(semantic)
     meta = {k: v for k, v in embeddings.meta.items()
             if k not in ("format", "version", "count", "semantic_dim", "uncertainty_dim")}

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import torch
 
+from idml.core.errors import IdmlError
 from idml.data.sources import collect_images
 from idml.method.metric import (
     RELEASE_A,
@@ -136,19 +137,19 @@ def search(
     q_sem = np.ascontiguousarray(query_semantic, dtype=np.float32)
     q_unc = np.asarray(query_uncertainty, dtype=np.float32)
     if q_sem.ndim != 2 or q_sem.shape[1] != index.semantic_dim:
-        raise ValueError(f"query semantic embeddings must be [Q, {index.semantic_dim}] for this "
+        raise IdmlError(f"query semantic embeddings must be [Q, {index.semantic_dim}] for this "
                          f"index, got {q_sem.shape}")
     if q_unc.shape != (len(q_sem), index.uncertainty_dim):
-        raise ValueError(f"query uncertainty embeddings must be [{len(q_sem)}, "
+        raise IdmlError(f"query uncertainty embeddings must be [{len(q_sem)}, "
                          f"{index.uncertainty_dim}] for this index, got {q_unc.shape}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise IdmlError(f"k must be >= 1, got {k}")
     if rerank not in (None, *RERANKS):
-        raise ValueError(f"unknown rerank {rerank!r}; use {', '.join(RERANKS)} or none")
+        raise IdmlError(f"unknown rerank {rerank!r}; use {', '.join(RERANKS)} or none")
     if rerank is not None and shortlist < 1:
-        raise ValueError(f"shortlist must be >= 1, got {shortlist}")
+        raise IdmlError(f"shortlist must be >= 1, got {shortlist}")
     if query_paths is not None and len(query_paths) != len(q_sem):
-        raise ValueError(f"{len(query_paths)} query paths for {len(q_sem)} queries")
+        raise IdmlError(f"{len(query_paths)} query paths for {len(q_sem)} queries")
     params = {"a": RELEASE_A, "b": RELEASE_B, "beta": "difference",
               **(index.meta.get("ism") or {}), **(ism or {})}
     fetch = min(len(index), max(k, 2, shortlist if rerank else 0))
@@ -190,13 +191,13 @@ def check_compatible(index: RetrievalIndex, fingerprint: str, semantic_dim: int,
     where = index.location or "the index"
     built_by = index.meta.get("checkpoint") or "an unknown checkpoint"
     if (semantic_dim, uncertainty_dim) != (index.semantic_dim, index.uncertainty_dim):
-        raise ValueError(
+        raise IdmlError(
             f"embedding size mismatch: index {where} holds {index.semantic_dim}-d semantic / "
             f"{index.uncertainty_dim}-d uncertainty embeddings (built by {built_by}), but "
             f"{model} produces {semantic_dim}-d / {uncertainty_dim}-d"
         )
     if index.fingerprint != fingerprint:
-        raise ValueError(
+        raise IdmlError(
             f"model mismatch: index {where} was built by model {index.fingerprint} "
             f"({built_by}), but {model} is model {fingerprint}; embed and index the gallery "
             "with this checkpoint, or search with the checkpoint that built the index"

@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from idml.core.errors import IdmlError
+
 T = TypeVar("T")
 
 #: Collectives wait this long: the other processes wait while process 0 evaluates.
@@ -118,15 +120,15 @@ class Distributed:
         """``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA is present, else the CPU."""
         if name in ("auto", "cuda") and torch.cuda.is_available():
             if self.local_rank >= torch.cuda.device_count():
-                raise ValueError(f"process with LOCAL_RANK {self.local_rank} has no GPU: "
+                raise IdmlError(f"process with LOCAL_RANK {self.local_rank} has no GPU: "
                                  f"{torch.cuda.device_count()} visible")
             return torch.device("cuda", self.local_rank)
         if name in ("auto", "cpu"):
             return torch.device("cpu")
         if name == "cuda":
-            raise ValueError("--device cuda: no such device on this machine")
-        raise ValueError(f"--device {name}: with several processes each uses cuda:LOCAL_RANK "
-                         "(--device cuda or auto) or the CPU (--device cpu)")
+            raise IdmlError("device='cuda': no such device on this machine")
+        raise IdmlError(f"device={name!r}: with several processes each uses cuda:LOCAL_RANK "
+                         "(device='cuda' or 'auto') or the CPU (device='cpu')")
 
     # --- collectives ------------------------------------------------------------------------
 
