@@ -9,6 +9,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
 from idml.method.losses import LOSSES, PMLLoss, build_loss, mixup_loss
+from idml.method.metric import ISMParams
 
 C, PER_CLASS, E, U, IN = 4, 8, 16, 16, 10
 N = C * PER_CLASS
@@ -133,7 +134,7 @@ def test_zero_uncertainty_without_offset_reduces_to_the_baseline(name):
     s, _ = _heads(model, x)
     u = torch.zeros(N, U)
     base = _seeded(_build(name, "semantic"), s, u, y)
-    ism = _seeded(_build(name, "introspective", ism_b=0.0), s, u, y)
+    ism = _seeded(_build(name, "introspective", ism=ISMParams(b=0.0)), s, u, y)
     assert base.item() > 0
     torch.testing.assert_close(ism, base, atol=1e-4, rtol=1e-4)
 

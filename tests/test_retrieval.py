@@ -9,6 +9,7 @@ from test_inference import make_checkpoint, make_class_folder
 
 import idml
 from idml.cli import main
+from idml.method.metric import ISMParams
 from idml.serving.embeddings import EmbeddingSet, load_embeddings
 from idml.serving.index import IndexFormatError, build_index, load_index, save_index
 from idml.serving.search import check_compatible, format_results, search, search_images
@@ -108,7 +109,7 @@ def test_introspective_scores_and_rerank_follow_the_formula(a, b, variant):
     emb = random_set(n=400, d=4, du=4, seed=3, scale=0.4)  # low d: a spread of cosines
     rng = np.random.default_rng(4)
     q, qu = unit_rows(rng, 5, 4), (0.4 * rng.standard_normal((5, 4))).astype(np.float32)
-    ism = {"a": a, "b": b, "beta": variant}
+    ism = ISMParams(a, b, variant)
     index = build_index(emb, "exact")
     plain = search(index, q, qu, k=30, ism=ism)
     reranked = search(index, q, qu, k=8, rerank="introspective", shortlist=50, ism=ism)
@@ -236,7 +237,7 @@ def test_cli_index_and_search_end_to_end(cli_setup, capsys):
     embedder.config = dataclasses.replace(embedder.config, ism_a=0.5, ism_b=0.0, ism_beta="sum")
     result = search_images(load_index(tmp / "idx"), embedder, [paths[1]], k=2,
                            rerank="introspective", shortlist=6)
-    assert result.ism == {"a": 0.5, "b": 0.0, "beta": "sum"} and result.shortlist == 6
+    assert result.ism == ISMParams(0.5, 0.0, "sum") and result.shortlist == 6
     hit = result.queries[0].hits[1]
     want = numpy_d_in(hit.cosine, emb.uncertainty[1], emb.uncertainty[[hit.id]], 0.5, 0.0, "sum")
     assert hit.introspective_distance == pytest.approx(want[0], rel=2e-3)

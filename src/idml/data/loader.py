@@ -66,7 +66,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
             raise IdmlError(f"rank {rank} is not in a job of {world_size} processes")
         if batch_size % world_size:
             raise IdmlError(f"batch_size={batch_size} is the global batch and must be "
-                             f"divisible by the number of processes ({world_size})")
+                            f"divisible by the number of processes ({world_size})")
         self.sampler, self.batch_size = sampler, batch_size
         self.rank, self.world_size = rank, world_size
         self.shard = batch_size // world_size

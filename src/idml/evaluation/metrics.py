@@ -183,7 +183,7 @@ def _given_neighbours(neighbours: tuple[torch.Tensor, torch.Tensor], depth: int,
     indices = neighbours[1]
     if indices.shape[1] < depth:
         raise IdmlError(f"the neighbours given have {indices.shape[1]} columns; the metrics "
-                         f"need {depth}")
+                        f"need {depth}")
     return indices[:, :depth].to(device)
 
 

@@ -25,7 +25,8 @@ from idml.method.distances import IntrospectiveDistance
 from idml.method.metric import (
     RELEASE_A,
     RELEASE_B,
-    BetaVariant,
+    RELEASE_ISM,
+    ISMParams,
     float32_region,
     proxy_introspective_similarity,
 )
@@ -198,9 +199,7 @@ class LossSetup:
     embedding_dim: int
     uncertainty_dim: int
     metric: Metric
-    a: float = RELEASE_A
-    b: float = RELEASE_B
-    beta: BetaVariant = "difference"
+    ism: ISMParams = RELEASE_ISM
 
     def distance(self, semantic: BaseDistance) -> BaseDistance:
         """``semantic`` itself, or under the ISM its introspective counterpart.
@@ -217,9 +216,9 @@ class LossSetup:
         return IntrospectiveDistance(
             self.embedding_dim,
             form="cosine" if semantic.is_inverted else "euclidean",
-            a=self.a,
-            b=self.b,
-            beta=self.beta,
+            a=self.ism.a,
+            b=self.ism.b,
+            beta=self.ism.beta,
             squared=False,
             power=semantic.power,
         )
@@ -261,8 +260,8 @@ def _proxy_anchor(
         margin=margin,
         scale=scale,
         metric=setup.metric,
-        a=setup.a,
-        b=setup.b,
+        a=setup.ism.a,
+        b=setup.ism.b,
         reference=reference,
     )
 
@@ -502,14 +501,13 @@ def build_loss(
     embedding_dim: int,
     uncertainty_dim: int,
     metric: Metric = "introspective",
-    ism_a: float = RELEASE_A,
-    ism_b: float = RELEASE_B,
-    ism_beta: BetaVariant = "difference",
+    ism: ISMParams = RELEASE_ISM,
     **overrides,
 ) -> nn.Module:
     """The loss ``name`` of :data:`LOSSES` on ``metric``, called as ``loss(s, u, labels)``.
 
-    ``overrides`` are that loss's hyperparameters (the keyword arguments of its builder, whose
+    ``ism``: the ISM's constants (used under ``metric="introspective"``). ``overrides`` are
+    that loss's hyperparameters (the keyword arguments of its builder, whose
     docstring gives the defaults and their source); proxy losses of PML also take
     ``learn_proxy_uncertainty`` (proxies with a learned uncertainty half, starting at 0;
     ignored under the semantic metric). Every returned module has ``proxy_parameters()``.
@@ -521,9 +519,7 @@ def build_loss(
     entry = LOSSES[name]
     if metric == "introspective" and entry.semantic_only is not None:
         raise IdmlError(f"{name} cannot use the introspective metric: {entry.semantic_only}")
-    setup = LossSetup(
-        num_classes, embedding_dim, uncertainty_dim, metric, a=ism_a, b=ism_b, beta=ism_beta
-    )
+    setup = LossSetup(num_classes, embedding_dim, uncertainty_dim, metric, ism)
     return entry.build(setup, **overrides)
 
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,36 @@ BetaVariant = Literal["difference", "sum"]
 
 RELEASE_A = 5.0
 RELEASE_B = 4.0
+
+
+@dataclass(frozen=True)
+class ISMParams:
+    """The constants of the ISM, ``D_IN = alpha * exp(-(beta + b) / (a * d))``, and the
+    uncertainty distance ``beta`` (``"difference"`` or ``"sum"``). The one vocabulary of
+    them: losses, distances, embeddings files and search all take ``a``, ``b``, ``beta``;
+    a run config spells them ``ism_a``, ``ism_b``, ``ism_beta`` (:meth:`from_config`)."""
+
+    a: float = RELEASE_A
+    b: float = RELEASE_B
+    beta: BetaVariant = "difference"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ISMParams:
+        """The ISM of a :class:`~idml.core.config.RunConfig`."""
+        return cls(float(cfg.ism_a), float(cfg.ism_b), cfg.ism_beta)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ISMParams:
+        """Inverse of :meth:`as_dict` (e.g. from an embeddings file's metadata)."""
+        return cls(float(values["a"]), float(values["b"]), values["beta"])
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"a", "b", "beta"}`` as plain values (JSON metadata)."""
+        return {"a": self.a, "b": self.b, "beta": self.beta}
+
+
+#: The authors' release: ``a = 5``, ``b = 4``, ``beta = ||u_i - u_j||^2``.
+RELEASE_ISM = ISMParams()
 #: Lower clamp of ``d`` in the exponent; keeps ``beta / d`` finite where ``d == 0``.
 EPS = 1e-8
 

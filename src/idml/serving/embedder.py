@@ -32,7 +32,7 @@ from idml.data.digits import DIGIT_NAMES, load_digits_splits
 from idml.data.images import io_threads, to_rgb, to_storage_mode
 from idml.data.registry import get_dataset, resolve_root, test_transform
 from idml.data.sources import Source, dataset_source
-from idml.method.metric import uncertainty_score
+from idml.method.metric import ISMParams, uncertainty_score
 from idml.method.model import IntrospectiveNet
 from idml.serving.embeddings import EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION, EmbeddingSet
 from idml.serving.trained import load_trained
@@ -108,9 +108,9 @@ class Embedder:
         return int(self.model.uncertainty_head.out_features)
 
     @property
-    def ism_params(self) -> dict[str, Any]:
+    def ism(self) -> ISMParams:
         """The ISM constants the model was trained with: ``a``, ``b``, ``beta``."""
-        return {"a": self.config.ism_a, "b": self.config.ism_b, "beta": self.config.ism_beta}
+        return ISMParams.from_config(self.config)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One image (path or PIL) as the float ``[C, H, W]`` tensor the model takes.
@@ -214,7 +214,7 @@ def make_meta(embedder: Embedder, count: int, **extra: Any) -> dict[str, Any]:
         "count": count,
         "idml_version": __version__,
         "backbone": embedder.config.backbone,
-        "ism": embedder.ism_params,
+        "ism": embedder.ism.as_dict(),
         **extra,
     }
 

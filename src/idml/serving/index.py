@@ -127,7 +127,7 @@ def build_index(
     elif kind == "hnsw":
         if hnsw_m < 2 or ef_construction < 1 or ef_search < 1:
             raise IdmlError(f"hnsw needs m >= 2 and positive ef values, got m={hnsw_m}, "
-                             f"ef_construction={ef_construction}, ef_search={ef_search}")
+                            f"ef_construction={ef_construction}, ef_search={ef_search}")
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search

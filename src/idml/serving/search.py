@@ -22,8 +22,8 @@ import torch
 from idml.core.errors import IdmlError
 from idml.data.sources import collect_images
 from idml.method.metric import (
-    RELEASE_A,
-    RELEASE_B,
+    RELEASE_ISM,
+    ISMParams,
     introspective_distance,
     uncertainty_distance,
     uncertainty_score,
@@ -70,7 +70,7 @@ class SearchResult:
     k: int
     rerank: str | None
     shortlist: int | None
-    ism: dict[str, Any]
+    ism: ISMParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,10 +85,7 @@ def ism_distances(
     query_uncertainty: np.ndarray,
     semantic: np.ndarray,
     uncertainty: np.ndarray,
-    *,
-    a: float = RELEASE_A,
-    b: float = RELEASE_B,
-    beta: str = "difference",
+    ism: ISMParams = RELEASE_ISM,
 ) -> np.ndarray:
     """Introspective distance ``D_IN`` (cosine form) of one query with ``[M]`` items.
 
@@ -103,8 +100,8 @@ def ism_distances(
     v = torch.from_numpy(np.asarray(uncertainty, np.float32))
     cos = s @ t.T
     sq = (2.0 - 2.0 * cos).clamp_min(0.0)
-    bet = uncertainty_distance(u, v, beta)  # type: ignore[arg-type]
-    return introspective_distance(1.0 - cos, bet, sq, a=a, b=b)[0].numpy()
+    bet = uncertainty_distance(u, v, ism.beta)  # type: ignore[arg-type]
+    return introspective_distance(1.0 - cos, bet, sq, a=ism.a, b=ism.b)[0].numpy()
 
 
 def _set_search_width(index: RetrievalIndex, fetch: int) -> None:
@@ -122,7 +119,7 @@ def search(
     *,
     rerank: str | None = None,
     shortlist: int = 100,
-    ism: dict[str, Any] | None = None,
+    ism: ISMParams | None = None,
     query_paths: list[str] | None = None,
 ) -> SearchResult:
     """The top-``k`` items of ``index`` for each query (rows of ``query_semantic`` [Q, D]).
@@ -130,18 +127,18 @@ def search(
     Without ``rerank`` the hits are faiss's nearest neighbours by cosine. With
     ``rerank="introspective"`` faiss returns ``shortlist`` candidates (at least ``k``) and
     the ``k`` with the highest introspective similarity (lowest ``D_IN``) are kept, in that
-    order (ties by cosine). ``ism``: ``{"a", "b", "beta"}`` of the ISM (default: those
-    recorded with the embeddings, else the release's ``a=5, b=4, difference``). The semantic
+    order (ties by cosine). ``ism``: the ISM's constants (default: those recorded with the
+    embeddings, else the release's ``a=5, b=4, difference``). The semantic
     gap uses the candidates faiss returned.
     """
     q_sem = np.ascontiguousarray(query_semantic, dtype=np.float32)
     q_unc = np.asarray(query_uncertainty, dtype=np.float32)
     if q_sem.ndim != 2 or q_sem.shape[1] != index.semantic_dim:
         raise IdmlError(f"query semantic embeddings must be [Q, {index.semantic_dim}] for this "
-                         f"index, got {q_sem.shape}")
+                        f"index, got {q_sem.shape}")
     if q_unc.shape != (len(q_sem), index.uncertainty_dim):
         raise IdmlError(f"query uncertainty embeddings must be [{len(q_sem)}, "
-                         f"{index.uncertainty_dim}] for this index, got {q_unc.shape}")
+                        f"{index.uncertainty_dim}] for this index, got {q_unc.shape}")
     if k < 1:
         raise IdmlError(f"k must be >= 1, got {k}")
     if rerank not in (None, *RERANKS):
@@ -150,8 +147,9 @@ def search(
         raise IdmlError(f"shortlist must be >= 1, got {shortlist}")
     if query_paths is not None and len(query_paths) != len(q_sem):
         raise IdmlError(f"{len(query_paths)} query paths for {len(q_sem)} queries")
-    params = {"a": RELEASE_A, "b": RELEASE_B, "beta": "difference",
-              **(index.meta.get("ism") or {}), **(ism or {})}
+    if ism is None:
+        recorded = index.meta.get("ism")
+        ism = ISMParams.from_dict(recorded) if recorded else RELEASE_ISM
     fetch = min(len(index), max(k, 2, shortlist if rerank else 0))
     _set_search_width(index, fetch)
     _, found = index.index.search(q_sem, fetch)
@@ -166,7 +164,7 @@ def search(
         if rerank is None:
             ids, cos = ids[:k], cos[:k]
         d_in = ism_distances(q_sem[i], q_unc[i], index.semantic[ids], index.uncertainty[ids],
-                             a=params["a"], b=params["b"], beta=params["beta"])
+                             ism)
         if rerank is not None:
             order = np.argsort(d_in, kind="stable")[:k]
             ids, cos, d_in = ids[order], cos[order], d_in[order]
@@ -182,7 +180,7 @@ def search(
             uncertainty=float(scores[i]),
             semantic_gap=gap, hits=hits,
         ))
-    return SearchResult(results, k, rerank, shortlist if rerank else None, params)
+    return SearchResult(results, k, rerank, shortlist if rerank else None, ism)
 
 
 def check_compatible(index: RetrievalIndex, fingerprint: str, semantic_dim: int,
@@ -223,7 +221,7 @@ def search_images(
     paths = collect_images(queries)
     semantic, uncertainty = embedder.embed(paths)
     return search(index, semantic, uncertainty, k, rerank=rerank, shortlist=shortlist,
-                  ism=embedder.ism_params, query_paths=paths)
+                  ism=embedder.ism, query_paths=paths)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -121,14 +121,14 @@ class Distributed:
         if name in ("auto", "cuda") and torch.cuda.is_available():
             if self.local_rank >= torch.cuda.device_count():
                 raise IdmlError(f"process with LOCAL_RANK {self.local_rank} has no GPU: "
-                                 f"{torch.cuda.device_count()} visible")
+                                f"{torch.cuda.device_count()} visible")
             return torch.device("cuda", self.local_rank)
         if name in ("auto", "cpu"):
             return torch.device("cpu")
         if name == "cuda":
             raise IdmlError("device='cuda': no such device on this machine")
         raise IdmlError(f"device={name!r}: with several processes each uses cuda:LOCAL_RANK "
-                         "(device='cuda' or 'auto') or the CPU (device='cpu')")
+                        "(device='cuda' or 'auto') or the CPU (device='cpu')")
 
     # --- collectives ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from idml.data.build import splits_from_config
 from idml.data.registry import get_dataset
 from idml.data.splits import RetrievalSplits
 from idml.method.losses import build_loss
+from idml.method.metric import ISMParams
 from idml.method.model import IntrospectiveNet, model_from_config
 
 
@@ -55,9 +56,7 @@ def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
         embedding_dim=cfg.embedding_dim,
         uncertainty_dim=cfg.uncertainty_dim or cfg.embedding_dim,
         metric=cfg.metric,  # type: ignore[arg-type]
-        ism_a=cfg.ism_a,
-        ism_b=cfg.ism_b,
-        ism_beta=cfg.ism_beta,  # type: ignore[arg-type]
+        ism=ISMParams.from_config(cfg),
         **overrides,
     )
 
