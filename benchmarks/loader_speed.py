@@ -3,7 +3,7 @@
 Competitor: the same transforms over PIL decodes of the JPEG files every epoch (what a
 torchvision ImageFolder pipeline does). Example (the numbers in BENCHMARKS.md):
 
-    python benchmarks/loader_speed.py --data-root ../shared/datasets/flowers102/images
+    IDML_DATA_ROOT=../shared/datasets python benchmarks/loader_speed.py
 """
 
 from __future__ import annotations
@@ -16,25 +16,25 @@ import torch
 from idml.core.config import resolve_config
 from idml.data.cache import cache_root
 from idml.data.images import CachedImageDataset, ImageDataset, cache_images, loader_throughput
-from idml.data.registry import read_dataset
-from idml.data.splits import labels_of
+from idml.data.registry import read_dataset, resolve_data_root
+from idml.data.splits import LabeledTensors, RetrievalSplits, labels_of, remap_labels
 from idml.data.transforms import build_transforms, test_crop_fraction
-from idml.method.losses import mixup_batch, mixup_loss
-from idml.method.model import create_model
+from idml.method.model import model_from_config
 from idml.training.factories import build_loss_for
+from idml.training.trainer import Trainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="../shared/datasets/flowers102/images")
+    parser.add_argument("--data-root", help="Flowers-102 [$IDML_DATA_ROOT/flowers102]")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    cfg = resolve_config("flowers-cpu", overrides={"data_root": args.data_root})
+    cfg = resolve_config("flowers-cpu")
+    root = resolve_data_root(cfg.dataset, args.data_root)
     torch.manual_seed(0)
-    model = create_model(cfg.backbone, embedding_dim=cfg.embedding_dim,
-                         pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn)
-    train = read_dataset("folder", args.data_root, train_classes=cfg.train_classes).train
+    model = model_from_config(cfg, in_chans=3)
+    train = read_dataset(cfg.dataset, root).train
     transform = build_transforms(model.input_spec, cfg.image_size, train=True)
     short = round(cfg.image_size / test_crop_fraction(model.input_spec))
     start = time.perf_counter()
@@ -48,22 +48,17 @@ def main() -> None:
     print(f"loader alone, batch {bs}, main process: PIL decode {pil:.0f} img/s, "
           f"decoded cache {fast:.0f} img/s, ratio {fast / pil:.2f}x")
 
-    # One training step of the CPU recipe (clean + mixup images in one forward).
-    loss_fn = build_loss_for(cfg, len(set(train.labels)))
-    opt = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=cfg.lr)
-    model = model.to(memory_format=torch.channels_last).train()
+    # The library's training step of the CPU recipe (clean + mixup images in one forward).
     images = torch.stack([cached[i][0] for i in range(bs)])
-    labels = torch.remainder(labels_of(cached)[:bs], len(set(train.labels)))
+    labels = torch.as_tensor(remap_labels(labels_of(cached)[:bs]))
+    splits = RetrievalSplits(train=LabeledTensors(images, labels), test=None,
+                             num_train_classes=int(labels.max()) + 1)
+    trainer = Trainer(cfg, model, build_loss_for(cfg, splits.num_train_classes), splits,
+                      torch.device("cpu"))
     times = []
     for step in range(args.steps):
         t = time.perf_counter()
-        mixed, perm, lam = mixup_batch(images)
-        x = torch.cat([images, mixed]).contiguous(memory_format=torch.channels_last)
-        s, u = model(x)
-        loss = mixup_loss(loss_fn, (s[:bs], u[:bs]), (s[bs:], u[bs:]), labels, perm, lam)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        trainer.train_step(images, labels)
         if step > 0:  # the first step pays one-time allocation costs
             times.append(time.perf_counter() - t)
     step_rate = bs / (sum(times) / len(times))

@@ -115,45 +115,59 @@ def evaluate_model(
     (In-Shop) is evaluated query against gallery for ``test``. ``ambiguity`` adds the AUROC
     of telling mixup-blended query images from clean ones by ``||u||^2`` (one more pass).
     """
-    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, u, y = compute_embeddings(
-            model, data, cfg.eval_batch_size, device, cfg.precision, cfg.num_workers
-        )
-        return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
-
     if part not in ("test", "val"):
         raise IdmlError(f"unknown split {part!r}; use 'test' or 'val'")
     if part == "val" and splits.val is None:
         raise IdmlError("no validation split: set val_fraction > 0")
-    data = splits.val if part == "val" else splits.test
+    queries = splits.val if part == "val" else splits.test
+    gallery = None
+    if queries is None:
+        if splits.query is None or splits.gallery is None:
+            raise IdmlError(f"the data set has no {part} split")
+        queries, gallery = splits.query, splits.gallery
+    s, u, y = _embed_on(model, queries, cfg, device)
+    if gallery is None:
+        metrics, summary, report = _leave_one_out(s, u, y, cfg)
+    else:
+        metrics, summary, report = _against_gallery(s, u, y, _embed_on(model, gallery, cfg,
+                                                                       device), cfg)
+    if ambiguity:
+        mixed = mixup_uncertainty(model, queries, cfg, device)
+        summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
+    return metrics, {**summary, "risk_coverage": report}
+
+
+def _embed_on(model: IntrospectiveNet, data: Dataset, cfg: RunConfig,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s, u, y = compute_embeddings(model, data, cfg.eval_batch_size, device, cfg.precision,
+                                 cfg.num_workers)
+    return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
+
+
+def _leave_one_out(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
+                   cfg: RunConfig) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Every query against the rest of its set: one kNN pass serves the metrics, the
+    uncertainty summary and the semantic gap."""
     ks = tuple(cfg.eval_ks)
-    if data is not None:
-        s, u, y = embed(data)
-        # One kNN pass serves the metrics, the uncertainty summary and the semantic gap.
-        unit = F.normalize(s.float(), dim=1)
-        nb = knn(unit, unit, min(max(2, evaluation_depth(y, ks)), len(y) - 1), exclude_self=True)
-        metrics = retrieval_metrics(s, y, ks=ks, seed=cfg.seed, neighbours=nb)
-        summary = uncertainty_summary(s, u, y, neighbours=nb)
-        report = uncertainty_report(s, u, y, neighbours=nb)
-        if ambiguity:
-            mixed = mixup_uncertainty(model, data, cfg, device)
-            summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
-        return metrics, {**summary, "risk_coverage": report}
-    if splits.query is None or splits.gallery is None:
-        raise IdmlError(f"the data set has no {part} split")
-    s, u, y = embed(splits.query)
-    gs, _, gy = embed(splits.gallery)
+    unit = F.normalize(s.float(), dim=1)
+    nb = knn(unit, unit, min(max(2, evaluation_depth(y, ks)), len(y) - 1), exclude_self=True)
+    return (retrieval_metrics(s, y, ks=ks, seed=cfg.seed, neighbours=nb),
+            uncertainty_summary(s, u, y, neighbours=nb),
+            uncertainty_report(s, u, y, neighbours=nb))
+
+
+def _against_gallery(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
+                     gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     cfg: RunConfig) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Queries against a separate gallery (In-Shop), one kNN pass for all of it."""
+    ks = tuple(cfg.eval_ks)
+    gs, _, gy = gallery
     depth = min(max(2, evaluation_depth(y, ks, gy)), len(gy))
     nb = knn(F.normalize(s.float(), dim=1), F.normalize(gs.float(), dim=1), depth,
              exclude_self=False)
-    metrics = query_gallery_metrics(s, y, gs, gy, ks=ks, neighbours=nb)
-    summary = uncertainty_summary(s, u, y, gallery=(gs, gy), neighbours=nb)
-    report = uncertainty_report(s, u, y, gallery=gs, gallery_labels=gy,
-                                neighbours=nb)
-    if ambiguity:
-        mixed = mixup_uncertainty(model, splits.query, cfg, device)
-        summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
-    return metrics, {**summary, "risk_coverage": report}
+    return (query_gallery_metrics(s, y, gs, gy, ks=ks, neighbours=nb),
+            uncertainty_summary(s, u, y, gallery=(gs, gy), neighbours=nb),
+            uncertainty_report(s, u, y, gallery=gs, gallery_labels=gy, neighbours=nb))
 
 
 def format_metrics_table(columns: dict[str, dict[str, float]]) -> str:

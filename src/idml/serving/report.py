@@ -175,12 +175,7 @@ def collect_report_data(
     if examples < 1:
         raise ReportError(f"examples must be at least 1, got {examples}")
     run_dir = check_finished(run_dir)
-    metrics = _read_json(run_dir / METRICS_FILE)
-    history = _read_json(run_dir / HISTORY_FILE)
-    if not isinstance(metrics, dict) or "final" not in metrics:
-        raise ReportError(f"{run_dir / METRICS_FILE} has no 'final' metrics")
-    if not isinstance(history, list):
-        raise ReportError(f"{run_dir / HISTORY_FILE} is not a list of epochs")
+    metrics, history = _read_run_files(run_dir)
     trained = load_trained(run_dir / CHECKPOINT_FILE)
     model, cfg, dev = trained.model, trained.config, select_device(device)
     splits = splits_from_config(cfg, model.input_spec, log or (lambda _msg: None))
@@ -205,11 +200,7 @@ def collect_report_data(
         gap = semantic_confidence(sem)
     scores = uncertainty_score(unc).numpy().astype(np.float64)
     correct_np = correct.cpu().numpy().astype(bool)
-    curves = {
-        "uncertainty": risk_coverage(-scores, correct_np),
-        "semantic_gap": risk_coverage(gap.cpu().numpy(), correct_np),
-        "random": risk_coverage(np.zeros(len(scores)), correct_np),  # see random_reference
-    }
+    curves = _confidence_curves(scores, correct_np, gap.cpu().numpy())
     order = np.argsort(-scores, kind="stable")
     count = min(examples, len(order))
     most = [int(i) for i in order[:count]]
@@ -218,15 +209,10 @@ def collect_report_data(
     chosen = pick_examples(scores, correct_np, examples)
     found = _neighbours(sem, labels, gsem, glabels, chosen, scores, reference is None)
 
-    spec = model.input_spec
-    query_thumbs = {i: _thumbnail(queries, i, spec) for i in {*most, *least, *chosen}}
-    ref_set = queries if reference is None else reference
-    reference_thumbs: dict[int, Image.Image] = {}
-    for j in sorted({j for ex in found for j in ex.neighbours}):
-        if reference is None and j in query_thumbs:
-            reference_thumbs[j] = query_thumbs[j]
-        else:
-            reference_thumbs[j] = _thumbnail(ref_set, j, spec)
+    query_thumbs = {i: _thumbnail(queries, i, model.input_spec)
+                    for i in {*most, *least, *chosen}}
+    reference_thumbs = _reference_thumbnails(found, query_thumbs, queries, reference,
+                                             model.input_spec)
     return ReportData(
         run_dir=run_dir, config=as_dict(cfg), metrics=metrics, history=history,
         query_labels=labels.cpu().numpy(), scores=scores, correct=correct_np, curves=curves,
@@ -234,6 +220,41 @@ def collect_report_data(
         query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
         leave_one_out=reference is None,
     )
+
+
+def _read_run_files(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``metrics.json`` and ``history.json`` of a finished run, checked."""
+    metrics = _read_json(run_dir / METRICS_FILE)
+    history = _read_json(run_dir / HISTORY_FILE)
+    if not isinstance(metrics, dict) or "final" not in metrics:
+        raise ReportError(f"{run_dir / METRICS_FILE} has no 'final' metrics")
+    if not isinstance(history, list):
+        raise ReportError(f"{run_dir / HISTORY_FILE} is not a list of epochs")
+    return metrics, history
+
+
+def _confidence_curves(scores: np.ndarray, correct: np.ndarray,
+                       gap: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Risk-coverage of the uncertainty, the semantic gap and a random order (the exact
+    expectation: all-equal confidence, see ``random_reference``)."""
+    return {
+        "uncertainty": risk_coverage(-scores, correct),
+        "semantic_gap": risk_coverage(gap, correct),
+        "random": risk_coverage(np.zeros(len(scores)), correct),
+    }
+
+
+def _reference_thumbnails(found: list[RetrievalExample], query_thumbs: dict[int, Image.Image],
+                          queries: Dataset, reference: Dataset | None,
+                          spec: dict[str, Any]) -> dict[int, Image.Image]:
+    """Thumbnails of the retrieved items (leave-one-out: reusing the queries' own)."""
+    thumbs: dict[int, Image.Image] = {}
+    for j in sorted({j for ex in found for j in ex.neighbours}):
+        if reference is None and j in query_thumbs:
+            thumbs[j] = query_thumbs[j]
+        else:
+            thumbs[j] = _thumbnail(queries if reference is None else reference, j, spec)
+    return thumbs
 
 
 def _neighbours(
