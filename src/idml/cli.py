@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"idml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_parsers(sub)
+    _add_artifact_parsers(sub)
+    _add_retrieval_parsers(sub)
+    return parser
 
+
+def _add_training_parsers(sub: Any) -> None:
+    """``idml train``, ``idml eval`` and ``idml data download``."""
     train = sub.add_parser(
         "train", help="train a model (default: IDML-Proxy-Anchor on the embedded digits)"
     )
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_artifact_parsers(sub: Any) -> None:
+    """``idml export`` and ``idml report``."""
     exp = sub.add_parser(
         "export", help="export a checkpoint's two-head model to ONNX or TorchScript"
     )
@@ -128,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device for recomputing the embeddings: cpu, auto, cuda, ... [cpu]")
     rep.add_argument("--examples", type=int, default=8, metavar="N",
                      help="retrieval examples and most/least uncertain thumbnails shown [8]")
-    _add_retrieval_parsers(sub)
-    return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -105,33 +105,12 @@ def build_index(
     n, dim = semantic.shape
     if n == 0:
         raise IdmlError("cannot index an empty embedding set")
-    params: dict[str, Any]
     if kind == "exact":
-        index = faiss.IndexFlatIP(dim)
-        params = {}
+        index, params = faiss.IndexFlatIP(dim), {}
     elif kind == "ivf":
-        defaulted, nlist = nlist is None, default_nlist(n) if nlist is None else nlist
-        if not 1 <= nlist <= n:
-            raise IdmlError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
-        nprobe = default_nprobe(nlist) if nprobe is None else nprobe
-        if not 1 <= nprobe <= nlist:
-            raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        if defaulted:  # fewer than 39 items: one cell, without faiss's warning about it
-            index.cp.min_points_per_centroid = 1
-        index.train(semantic)
-        index.nprobe = nprobe
-        params = {"nlist": nlist, "nprobe": nprobe, "seed": seed}
+        index, params = _ivf_index(semantic, nlist, nprobe, seed)
     elif kind == "hnsw":
-        if hnsw_m < 2 or ef_construction < 1 or ef_search < 1:
-            raise IdmlError(f"hnsw needs m >= 2 and positive ef values, got m={hnsw_m}, "
-                            f"ef_construction={ef_construction}, ef_search={ef_search}")
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        index.hnsw.efSearch = ef_search
-        params = {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+        index, params = _hnsw_index(dim, hnsw_m, ef_construction, ef_search)
     else:
         raise IdmlError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}")
     index.add(semantic)
@@ -147,6 +126,37 @@ def build_index(
         labels=np.asarray(embeddings.labels, dtype=np.int64),
         meta=meta,
     )
+
+
+def _ivf_index(semantic: np.ndarray, nlist: int | None, nprobe: int | None,
+               seed: int) -> tuple[Any, dict[str, Any]]:
+    """An inverted-file index with k-means cells trained on ``semantic`` (not yet filled)."""
+    n, dim = semantic.shape
+    defaulted, nlist = nlist is None, default_nlist(n) if nlist is None else nlist
+    if not 1 <= nlist <= n:
+        raise IdmlError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
+    nprobe = default_nprobe(nlist) if nprobe is None else nprobe
+    if not 1 <= nprobe <= nlist:
+        raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    if defaulted:  # fewer than 39 items: one cell, without faiss's warning about it
+        index.cp.min_points_per_centroid = 1
+    index.train(semantic)
+    index.nprobe = nprobe
+    return index, {"nlist": nlist, "nprobe": nprobe, "seed": seed}
+
+
+def _hnsw_index(dim: int, m: int, ef_construction: int,
+                ef_search: int) -> tuple[Any, dict[str, Any]]:
+    """A proximity-graph index (not yet filled)."""
+    if m < 2 or ef_construction < 1 or ef_search < 1:
+        raise IdmlError(f"hnsw needs m >= 2 and positive ef values, got m={m}, "
+                        f"ef_construction={ef_construction}, ef_search={ef_search}")
+    index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.hnsw.efSearch = ef_search
+    return index, {"m": m, "ef_construction": ef_construction, "ef_search": ef_search}
 
 
 def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
@@ -176,6 +186,11 @@ def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
     return folder
 
 
+#: What every index meta file must hold.
+_META_FIELDS = ("kind", "params", "semantic_dim", "uncertainty_dim", "count", "paths", "labels",
+                "sha256")
+
+
 def load_index(directory: str | os.PathLike) -> RetrievalIndex:
     """Read an index folder written by :func:`save_index`, checking every file.
 
@@ -188,29 +203,7 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
         if not (folder / name).is_file():
             raise IndexFormatError(f"index folder {folder} lacks {name} (not an idml index, "
                                    "or an incomplete copy)")
-    meta_path = folder / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{meta_path} is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        raise IndexFormatError(f"{meta_path} is not the meta file of an idml index")
-    if meta.get("version") != INDEX_VERSION:
-        raise IndexFormatError(f"{meta_path}: index version {meta.get('version')!r}; this idml "
-                               f"reads {INDEX_VERSION}")
-    required = ("kind", "params", "semantic_dim", "uncertainty_dim", "count", "paths",
-                "labels", "sha256")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise IndexFormatError(f"{meta_path} lacks {', '.join(missing)}")
-    kind = meta["kind"]
-    if kind not in KINDS:
-        raise IndexFormatError(f"{meta_path}: unknown index kind {kind!r}")
-    for name in (INDEX_FILE, ARRAYS_FILE):
-        expected = (meta["sha256"] or {}).get(name)
-        if expected is not None and sha256_file(folder / name) != expected:
-            raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "
-                                   f"differs from the one recorded in {meta_path}")
+    meta = _read_meta(folder)
     try:
         index = faiss.read_index(str(folder / INDEX_FILE))
     except RuntimeError as exc:
@@ -221,8 +214,47 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
     except Exception as exc:
         raise IndexFormatError(f"cannot read {folder / ARRAYS_FILE} ({type(exc).__name__}: "
                                f"{exc})") from exc
-    count, paths = meta["count"], meta["paths"]
     labels = np.asarray(meta["labels"], dtype=np.int64)
+    problems = _inconsistencies(index, meta, semantic, uncertainty, labels)
+    if problems:
+        raise IndexFormatError(f"index folder {folder} is inconsistent: {'; '.join(problems)}")
+    keep = {k: v for k, v in meta.items() if k not in (*_META_FIELDS, "format", "version")}
+    return RetrievalIndex(
+        index=index, kind=meta["kind"], params=dict(meta["params"]), semantic=semantic,
+        uncertainty=uncertainty, paths=[str(p) for p in meta["paths"]], labels=labels,
+        meta=keep, location=str(folder),
+    )
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """``meta.json``, checked: format, version, fields, kind, and the other files' SHA-256."""
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{meta_path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        raise IndexFormatError(f"{meta_path} is not the meta file of an idml index")
+    if meta.get("version") != INDEX_VERSION:
+        raise IndexFormatError(f"{meta_path}: index version {meta.get('version')!r}; this idml "
+                               f"reads {INDEX_VERSION}")
+    missing = [k for k in _META_FIELDS if k not in meta]
+    if missing:
+        raise IndexFormatError(f"{meta_path} lacks {', '.join(missing)}")
+    if meta["kind"] not in KINDS:
+        raise IndexFormatError(f"{meta_path}: unknown index kind {meta['kind']!r}")
+    for name in (INDEX_FILE, ARRAYS_FILE):
+        expected = (meta["sha256"] or {}).get(name)
+        if expected is not None and sha256_file(folder / name) != expected:
+            raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "
+                                   f"differs from the one recorded in {meta_path}")
+    return meta
+
+
+def _inconsistencies(index: Any, meta: dict[str, Any], semantic: np.ndarray,
+                     uncertainty: np.ndarray, labels: np.ndarray) -> list[str]:
+    """What does not agree between the faiss index, the arrays and the meta file."""
+    kind, count, paths = meta["kind"], meta["count"], meta["paths"]
     problems = []
     if type(index).__name__ != _FAISS_TYPES[kind]:
         problems.append(f"faiss index is a {type(index).__name__}, meta says {kind}")
@@ -239,11 +271,4 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
         problems.append(f"item counts differ (faiss {index.ntotal}, arrays {len(semantic)}/"
                         f"{len(uncertainty)}, paths {len(paths)}, labels {len(labels)}, "
                         f"meta {count})")
-    if problems:
-        raise IndexFormatError(f"index folder {folder} is inconsistent: {'; '.join(problems)}")
-    keep = {k: v for k, v in meta.items() if k not in (*required, "format", "version")}
-    return RetrievalIndex(
-        index=index, kind=kind, params=dict(meta["params"]), semantic=semantic,
-        uncertainty=uncertainty, paths=[str(p) for p in paths], labels=labels, meta=keep,
-        location=str(folder),
-    )
+    return problems

@@ -133,6 +133,26 @@ def search(
     """
     q_sem = np.ascontiguousarray(query_semantic, dtype=np.float32)
     q_unc = np.asarray(query_uncertainty, dtype=np.float32)
+    _check_query(index, q_sem, q_unc, k, rerank, shortlist, query_paths)
+    if ism is None:
+        recorded = index.meta.get("ism")
+        ism = ISMParams.from_dict(recorded) if recorded else RELEASE_ISM
+    fetch = min(len(index), max(k, 2, shortlist if rerank else 0))
+    _set_search_width(index, fetch)
+    _, found = index.index.search(q_sem, fetch)
+    scores = uncertainty_score(torch.from_numpy(q_unc)).numpy()
+    results = [
+        QueryResult(query=None if query_paths is None else str(query_paths[i]),
+                    uncertainty=float(scores[i]),
+                    **_ranked_hits(index, q_sem[i], q_unc[i], row, k, rerank, ism))
+        for i, row in enumerate(found)
+    ]
+    return SearchResult(results, k, rerank, shortlist if rerank else None, ism)
+
+
+def _check_query(index: RetrievalIndex, q_sem: np.ndarray, q_unc: np.ndarray, k: int,
+                 rerank: str | None, shortlist: int, query_paths: list[str] | None) -> None:
+    """Raise :class:`IdmlError` naming the argument that does not fit ``index``."""
     if q_sem.ndim != 2 or q_sem.shape[1] != index.semantic_dim:
         raise IdmlError(f"query semantic embeddings must be [Q, {index.semantic_dim}] for this "
                         f"index, got {q_sem.shape}")
@@ -147,40 +167,31 @@ def search(
         raise IdmlError(f"shortlist must be >= 1, got {shortlist}")
     if query_paths is not None and len(query_paths) != len(q_sem):
         raise IdmlError(f"{len(query_paths)} query paths for {len(q_sem)} queries")
-    if ism is None:
-        recorded = index.meta.get("ism")
-        ism = ISMParams.from_dict(recorded) if recorded else RELEASE_ISM
-    fetch = min(len(index), max(k, 2, shortlist if rerank else 0))
-    _set_search_width(index, fetch)
-    _, found = index.index.search(q_sem, fetch)
-    scores = uncertainty_score(torch.from_numpy(q_unc)).numpy()
-    results = []
-    for i, row in enumerate(found):
-        ids = row[row >= 0]
-        cos = index.semantic[ids] @ q_sem[i]
-        by_cos = np.argsort(-cos, kind="stable")
-        ids, cos = ids[by_cos], cos[by_cos]
-        gap = float(cos[0] - cos[1]) if len(cos) >= 2 else None
-        if rerank is None:
-            ids, cos = ids[:k], cos[:k]
-        d_in = ism_distances(q_sem[i], q_unc[i], index.semantic[ids], index.uncertainty[ids],
-                             ism)
-        if rerank is not None:
-            order = np.argsort(d_in, kind="stable")[:k]
-            ids, cos, d_in = ids[order], cos[order], d_in[order]
-        hits = [
-            Hit(rank=r + 1, id=int(j), path=index.paths[j], label=int(index.labels[j]),
-                cosine=float(c), distance=math.sqrt(max(0.0, 2.0 - 2.0 * float(c))),
-                introspective=1.0 - float(d), introspective_distance=float(d),
-                label_name=index.label_name(int(index.labels[j])))
-            for r, (j, c, d) in enumerate(zip(ids, cos, d_in, strict=True))
-        ]
-        results.append(QueryResult(
-            query=None if query_paths is None else str(query_paths[i]),
-            uncertainty=float(scores[i]),
-            semantic_gap=gap, hits=hits,
-        ))
-    return SearchResult(results, k, rerank, shortlist if rerank else None, ism)
+
+
+def _ranked_hits(index: RetrievalIndex, q_sem: np.ndarray, q_unc: np.ndarray,
+                 found: np.ndarray, k: int, rerank: str | None,
+                 ism: ISMParams) -> dict[str, Any]:
+    """The hits of one query among faiss's candidates ``found`` and its semantic gap."""
+    ids = found[found >= 0]
+    cos = index.semantic[ids] @ q_sem
+    by_cos = np.argsort(-cos, kind="stable")
+    ids, cos = ids[by_cos], cos[by_cos]
+    gap = float(cos[0] - cos[1]) if len(cos) >= 2 else None
+    if rerank is None:
+        ids, cos = ids[:k], cos[:k]
+    d_in = ism_distances(q_sem, q_unc, index.semantic[ids], index.uncertainty[ids], ism)
+    if rerank is not None:
+        order = np.argsort(d_in, kind="stable")[:k]
+        ids, cos, d_in = ids[order], cos[order], d_in[order]
+    hits = [
+        Hit(rank=r + 1, id=int(j), path=index.paths[j], label=int(index.labels[j]),
+            cosine=float(c), distance=math.sqrt(max(0.0, 2.0 - 2.0 * float(c))),
+            introspective=1.0 - float(d), introspective_distance=float(d),
+            label_name=index.label_name(int(index.labels[j])))
+        for r, (j, c, d) in enumerate(zip(ids, cos, d_in, strict=True))
+    ]
+    return {"semantic_gap": gap, "hits": hits}
 
 
 def check_compatible(index: RetrievalIndex, fingerprint: str, semantic_dim: int,
