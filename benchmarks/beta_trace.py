@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from losses import as_feature_maps, cached_features
+from losses import as_feature_maps, cached_features, uncertainty_lr
 
 from idml.core.config import RunConfig, resolve_config
 from idml.core.runtime import seed_everything
@@ -54,6 +54,15 @@ def finetune_trainer(cfg: RunConfig) -> Trainer:
     model, splits = build(cfg, torch.device("cpu"), log=lambda _msg: None)
     loss_fn = build_loss_for(cfg, splits.num_train_classes)
     return Trainer(cfg, model, loss_fn, splits, torch.device("cpu"))
+
+
+def normalised_input(trainer: Trainer) -> None:
+    """Feed the uncertainty head layer-normalised features (a candidate stabilisation: the
+    update of ``u`` then no longer scales with the raw feature sum)."""
+    head = trainer.model.uncertainty_head
+    trainer.model.uncertainty_head = torch.nn.Sequential(
+        torch.nn.LayerNorm(head.in_features, elementwise_affine=False), head)
+    trainer.model.uncertainty_head.out_features = head.out_features
 
 
 def grad_norm(params) -> float:
@@ -86,15 +95,19 @@ def trace(trainer: Trainer, steps: int) -> list[dict[str, float]]:
             except StopIteration:
                 batches = iter(trainer.loader)
                 images, labels = next(batches)
-            proxies = loss_fn.proxies.detach().clone()  # as the step's forward saw them
+            proxies = getattr(loss_fn, "proxies", None)
+            proxies = None if proxies is None else proxies.detach().clone()  # as seen
             loss, _ = trainer.train_step(images, labels)
             beta = uncertainty_score(seen["u"])
-            with torch.no_grad():
-                sim = proxy_introspective_similarity(seen["s"], seen["u"], proxies,
-                                                     a=loss_fn.a, b=loss_fn.b)
+            sat = float("nan")  # saturation against proxies: Proxy-Anchor only
+            if proxies is not None:
+                with torch.no_grad():
+                    sim = proxy_introspective_similarity(seen["s"], seen["u"], proxies,
+                                                         a=loss_fn.a, b=loss_fn.b)
+                sat = float((sim > 1 - 1e-6).float().mean())
             rows.append({
                 "step": step + 1, "loss": float(loss), "beta_mean": float(beta.mean()),
-                "beta_max": float(beta.max()), "sat": float((sim > 1 - 1e-6).float().mean()),
+                "beta_max": float(beta.max()), "sat": sat,
                 "g_sem": grad_norm(model.semantic_head.parameters()),
                 "g_unc": grad_norm(model.uncertainty_head.parameters()),
                 "g_proxy": grad_norm(loss_fn.proxy_parameters()),
@@ -112,8 +125,14 @@ def main() -> None:
     parser.add_argument("--preset", default="flowers-cpu")
     parser.add_argument("--lr", type=float, help="[frozen 1e-3, finetune the preset's]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", default="proxy_anchor")
+    parser.add_argument("--unc-lr-mult", type=float, default=1.0,
+                        help="learning rate of the uncertainty head / the heads' (candidate)")
+    parser.add_argument("--normalised-input", action="store_true",
+                        help="layer-normalise the features the uncertainty head sees (candidate)")
     args = parser.parse_args()
-    overrides = {"seed": args.seed, "progress": False, "metric": "introspective", "mixup": True}
+    overrides = {"seed": args.seed, "progress": False, "metric": "introspective", "mixup": True,
+                 "loss": args.loss}
     if args.recipe == "frozen":
         overrides.update(lr=1e-3, warmup_epochs=0, m_per_class=4, channels_last=False,
                          epochs=4, lr_step=2)
@@ -121,8 +140,13 @@ def main() -> None:
         overrides["lr"] = args.lr
     cfg = resolve_config(args.preset, overrides=overrides)
     trainer = (frozen_trainer if args.recipe == "frozen" else finetune_trainer)(cfg)
-    print(f"{args.recipe} recipe, {args.preset}, lr {cfg.lr}, seed {cfg.seed}, ISM a={cfg.ism_a} "
-          f"b={cfg.ism_b}; beta = ||u||^2 at the forward of each step")
+    if args.normalised_input:
+        normalised_input(trainer)
+    if args.unc_lr_mult != 1.0:
+        uncertainty_lr(trainer, args.unc_lr_mult)
+    print(f"{args.recipe} recipe, {args.preset}, {cfg.loss}, lr {cfg.lr} (uncertainty head x"
+          f"{args.unc_lr_mult}{', layer-normalised input' if args.normalised_input else ''}), "
+          f"seed {cfg.seed}, ISM a={cfg.ism_a} b={cfg.ism_b}; beta = ||u||^2 at each forward")
     print(f"{'step':>4} {'loss':>9} {'beta mean':>10} {'beta max':>10} {'sat':>6} "
           f"{'g_sem':>9} {'g_unc':>9} {'g_proxy':>9}")
     for r in trace(trainer, args.steps):
