@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from losses import as_feature_maps, cached_features, uncertainty_lr
+from losses import as_feature_maps, cached_features
 
 from idml.core.config import RunConfig, resolve_config
 from idml.core.runtime import seed_everything
@@ -127,12 +127,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", default="proxy_anchor")
     parser.add_argument("--unc-lr-mult", type=float, default=1.0,
-                        help="learning rate of the uncertainty head / the heads' (candidate)")
+                        help="uncertainty_lr_mult: the uncertainty head's lr / lr (candidate)")
     parser.add_argument("--normalised-input", action="store_true",
                         help="layer-normalise the features the uncertainty head sees (candidate)")
     args = parser.parse_args()
     overrides = {"seed": args.seed, "progress": False, "metric": "introspective", "mixup": True,
-                 "loss": args.loss}
+                 "loss": args.loss, "uncertainty_lr_mult": args.unc_lr_mult}
     if args.recipe == "frozen":
         overrides.update(lr=1e-3, warmup_epochs=0, m_per_class=4, channels_last=False,
                          epochs=4, lr_step=2)
@@ -142,8 +142,6 @@ def main() -> None:
     trainer = (frozen_trainer if args.recipe == "frozen" else finetune_trainer)(cfg)
     if args.normalised_input:
         normalised_input(trainer)
-    if args.unc_lr_mult != 1.0:
-        uncertainty_lr(trainer, args.unc_lr_mult)
     print(f"{args.recipe} recipe, {args.preset}, {cfg.loss}, lr {cfg.lr} (uncertainty head x"
           f"{args.unc_lr_mult}{', layer-normalised input' if args.normalised_input else ''}), "
           f"seed {cfg.seed}, ISM a={cfg.ism_a} b={cfg.ism_b}; beta = ||u||^2 at each forward")

@@ -81,17 +81,7 @@ def as_feature_maps(f: torch.Tensor) -> torch.Tensor:
     return (f / 2)[:, :, None, None]
 
 
-def uncertainty_lr(trainer: Trainer, mult: float) -> None:
-    """Give the uncertainty head its own learning rate, ``mult`` times the heads' (a
-    candidate stabilisation of issue 10; StepLR scales the new group like the others)."""
-    unc = list(trainer.model.uncertainty_head.parameters())
-    ids = {id(p) for p in unc}
-    heads = trainer.optimizer.param_groups[1]
-    heads["params"] = [p for p in heads["params"] if id(p) not in ids]
-    trainer.optimizer.add_param_group({"params": unc, "lr": heads["lr"] * mult})
-
-
-def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor], unc_lr_mult: float = 1.0) -> dict:
+def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor]) -> dict:
     """Train the two heads (and the loss's proxies) on frozen features with the library's
     Trainer, then evaluate the test features with its evaluator."""
     seed_everything(cfg.seed)
@@ -105,15 +95,13 @@ def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor], unc_lr_mult: float =
     )
     device = torch.device("cpu")
     trainer = Trainer(cfg, model, build_loss_for(cfg, splits.num_train_classes), splits, device)
-    if unc_lr_mult != 1.0:
-        uncertainty_lr(trainer, unc_lr_mult)
     start = time.perf_counter()
     losses = [trainer.run_epoch()["loss"] for _ in range(cfg.epochs)]
     train_s = time.perf_counter() - start
     metrics, uncertainty = evaluate_model(model, splits, cfg, device)
     return {"loss": cfg.loss, "metric": cfg.metric, "seed": cfg.seed, "train_s": train_s,
             "mixup": cfg.mixup, "ism_a": cfg.ism_a, "ism_b": cfg.ism_b,
-            "unc_lr_mult": unc_lr_mult, "epoch_losses": losses, "final": metrics,
+            "unc_lr_mult": cfg.uncertainty_lr_mult, "epoch_losses": losses, "final": metrics,
             "uncertainty": uncertainty,
             "finite": all(x == x and abs(x) != float("inf") for x in losses)}
 
@@ -162,7 +150,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="further RunConfig overrides, e.g. ism_a=1 ism_b=0")
     parser.add_argument("--unc-lr-mult", type=float, default=1.0,
-                        help="learning rate of the uncertainty head / the heads' (issue 10)")
+                        help="uncertainty_lr_mult: the uncertainty head's lr / lr (issue 10)")
     parser.add_argument("--mixup", choices=("paper", "on", "off"), default="paper",
                         help="paper: mixup with the introspective metric only (IDML); on/off: "
                              "for both metrics (ablations)")
@@ -178,7 +166,8 @@ def main() -> None:
 
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                  "lr_step": max(1, args.epochs // 2), "warmup_epochs": 0, "progress": False,
-                 "m_per_class": args.m_per_class, "channels_last": False}
+                 "m_per_class": args.m_per_class, "channels_last": False,
+                 "uncertainty_lr_mult": args.unc_lr_mult}
     for item in args.set:
         field, _, value = item.partition("=")
         overrides[field] = yaml.safe_load(value)
@@ -194,8 +183,7 @@ def main() -> None:
                 cfg = dataclasses.replace(base, loss=loss, metric=metric, seed=seed,
                                           mixup={"paper": metric == "introspective",
                                                  "on": True, "off": False}[args.mixup])
-                row = {"preset": args.preset, "epochs": args.epochs,
-                       **run_one(cfg, feats, args.unc_lr_mult)}
+                row = {"preset": args.preset, "epochs": args.epochs, **run_one(cfg, feats)}
                 rows.append(row)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

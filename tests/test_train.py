@@ -162,3 +162,19 @@ def test_proxy_anchor_flags_are_refused_for_other_losses(tmp_path, capsys):
     assert main(["train", "--loss", "triplet", "--margin", "0.3", "--out", str(out)]) == 2
     assert "margin/scale are Proxy-Anchor's" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_uncertainty_head_gets_its_own_learning_rate():
+    from idml.method.losses import build_loss
+    from idml.method.model import create_model
+    from idml.training.factories import make_optimizer
+
+    cfg = RunConfig(lr=1e-3, uncertainty_lr_mult=0.01, proxy_lr_mult=100.0)
+    model = create_model("digits_cnn", embedding_dim=8, in_chans=1)
+    loss_fn = build_loss("proxy_anchor", num_classes=3, embedding_dim=8, uncertainty_dim=8)
+    optimizer = make_optimizer(cfg, model, loss_fn, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert {lr_of[id(p)] for p in model.uncertainty_head.parameters()} == {1e-3 * 0.01}
+    assert {lr_of[id(p)] for p in model.semantic_head.parameters()} == {1e-3}
+    assert {lr_of[id(p)] for p in loss_fn.proxy_parameters()} == {1e-3 * 100.0}
+    assert len(lr_of) == len([*model.parameters(), *loss_fn.parameters()])

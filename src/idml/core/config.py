@@ -56,6 +56,7 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     proxy_lr_mult: float = 100.0
+    uncertainty_lr_mult: float = 1.0  # uncertainty head's lr / lr (BENCHMARKS: beta trace)
     lr_step: int = 5
     lr_gamma: float = 0.5
     warmup_epochs: int = 1
@@ -103,7 +104,7 @@ class RunConfig:
         for name in ("num_workers", "m_per_class", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("image_size", "proxy_lr_mult", "lr_gamma"):
+        for name in ("image_size", "proxy_lr_mult", "uncertainty_lr_mult", "lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.eval_ks or min(self.eval_ks) < 1:

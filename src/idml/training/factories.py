@@ -63,19 +63,21 @@ def build_loss_for(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
 
 def make_optimizer(
     cfg: RunConfig,
-    backbone_params: list[torch.nn.Parameter],
-    head_params: list[torch.nn.Parameter],
+    model: IntrospectiveNet,
     loss_fn: torch.nn.Module,
     device: torch.device,
 ) -> torch.optim.AdamW:
-    """The recipe's AdamW: backbone, heads and the loss's other parameters at ``cfg.lr``, its
-    proxies at ``cfg.lr * cfg.proxy_lr_mult``, weight decay ``cfg.weight_decay``."""
+    """The recipe's AdamW: the trainable backbone, the semantic head and the loss's other
+    parameters at ``cfg.lr``, the uncertainty head at ``cfg.lr * cfg.uncertainty_lr_mult``,
+    the proxies at ``cfg.lr * cfg.proxy_lr_mult``; weight decay ``cfg.weight_decay``."""
     proxies = list(loss_fn.proxy_parameters())
     proxy_ids = {id(p) for p in proxies}
     return torch.optim.AdamW(
         [
-            {"params": backbone_params, "lr": cfg.lr},
-            {"params": head_params, "lr": cfg.lr},
+            {"params": model.backbone_parameters(), "lr": cfg.lr},
+            {"params": list(model.semantic_head.parameters()), "lr": cfg.lr},
+            {"params": list(model.uncertainty_head.parameters()),
+             "lr": cfg.lr * cfg.uncertainty_lr_mult},
             {"params": proxies, "lr": cfg.lr * cfg.proxy_lr_mult},
             {"params": [p for p in loss_fn.parameters() if id(p) not in proxy_ids], "lr": cfg.lr},
         ],

@@ -64,8 +64,7 @@ class Trainer:
         self.device, self.ctx = device, ctx or Distributed()
         self.run_dir, self.log = run_dir, log
         self.backbone_params = model.backbone_parameters()
-        self.optimizer = make_optimizer(cfg, self.backbone_params, model.new_parameters(),
-                                        loss_fn, device)
+        self.optimizer = make_optimizer(cfg, model, loss_fn, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step,
                                                          gamma=cfg.lr_gamma)
