@@ -27,6 +27,7 @@ import torch
 from losses import as_feature_maps, cached_features
 
 from idml.core.config import RunConfig, resolve_config
+from idml.core.rundir import quiet
 from idml.core.runtime import seed_everything
 from idml.data.splits import LabeledTensors, RetrievalSplits
 from idml.method.metric import proxy_introspective_similarity, uncertainty_score
@@ -51,7 +52,7 @@ def frozen_trainer(cfg: RunConfig) -> Trainer:
 def finetune_trainer(cfg: RunConfig) -> Trainer:
     """The CPU recipe end to end (backbone frozen during the warm-up epoch)."""
     seed_everything(cfg.seed)
-    model, splits = build(cfg, torch.device("cpu"), log=lambda _msg: None)
+    model, splits = build(cfg, torch.device("cpu"), log=quiet)
     loss_fn = build_loss_for(cfg, splits.num_train_classes)
     return Trainer(cfg, model, loss_fn, splits, torch.device("cpu"))
 

@@ -35,6 +35,10 @@ class RunLog:
             tqdm.write(message)
 
 
+def quiet(message: str) -> None:
+    """The log of processes other than 0 (and of runs without a run folder): nothing."""
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder of ``cfg`` (``cfg.out``, else ``runs/<time>-<dataset>-<metric>``)
     and write its ``config.yaml``; an existing non-empty folder is refused."""

@@ -9,25 +9,26 @@ import torch
 from torch.utils.data import Dataset
 
 from idml.core.config import RunConfig
+from idml.data.cache import cache_root
 from idml.data.digits import load_digits_splits
-from idml.data.registry import get_dataset
+from idml.data.images import CachedImageDataset, ImageDataset, cache_images, validate_images
+from idml.data.records import DatasetError, Records
+from idml.data.registry import get_dataset, read_dataset, resolve_root
 from idml.data.splits import RetrievalSplits, remap_labels, validation_mask
+from idml.data.transforms import build_transforms, test_crop_fraction
 
 
-def _subset(records: Any, mask: list[bool]) -> Any:
-    """The records where ``mask`` is true (a :class:`idml.data.records.Records`)."""
+def _subset(records: Records, mask: list[bool]) -> Records:
+    """The records where ``mask`` is true."""
     keep = [i for i, m in enumerate(mask) if m]
-    return type(records)([records.paths[i] for i in keep], [records.labels[i] for i in keep])
+    return Records([records.paths[i] for i in keep], [records.labels[i] for i in keep])
 
 
 def _validated(
-    parts: dict[str, Any], skip_bad: bool, where: str, log: Callable[[str], None]
-) -> dict[str, Any]:
+    parts: dict[str, Records], skip_bad: bool, where: str, log: Callable[[str], None]
+) -> dict[str, Records]:
     """``parts`` (records by split) with every image decoded once: a bad one raises, or with
     ``skip_bad`` is dropped and logged (a split left with under 2 classes still raises)."""
-    from idml.data.images import validate_images
-    from idml.data.records import DatasetError
-
     checked = {}
     for part, records in parts.items():
         good, bad = validate_images(records, skip_bad=skip_bad)
@@ -64,12 +65,6 @@ def load_image_splits(
     idml cache folder) as uint8 tensors: the paper's transforms then run on small tensors
     instead of full JPEG decodes every epoch.
     """
-    from idml.data.cache import cache_root
-    from idml.data.images import CachedImageDataset, ImageDataset, cache_images
-    from idml.data.records import Records
-    from idml.data.registry import read_dataset, resolve_root
-    from idml.data.transforms import build_transforms, test_crop_fraction
-
     data_root, csv = resolve_root(name, root, csv)
     parts = read_dataset(name, data_root, train_classes=train_classes, csv=csv).parts()
     parts = _validated(parts, skip_bad_images, str(data_root), log)

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from idml.core.config import as_dict
 from idml.core.errors import IdmlError
 from idml.core.io import atomic_write_text
-from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, check_finished
+from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, check_finished, quiet
 from idml.core.runtime import select_device
 from idml.data.build import splits_from_config
 from idml.evaluation.evaluator import compute_embeddings
@@ -178,7 +178,7 @@ def collect_report_data(
     metrics, history = _read_run_files(run_dir)
     trained = load_trained(run_dir / CHECKPOINT_FILE)
     model, cfg, dev = trained.model, trained.config, select_device(device)
-    splits = splits_from_config(cfg, model.input_spec, log or (lambda _msg: None))
+    splits = splits_from_config(cfg, model.input_spec, log or quiet)
     model.to(dev)
 
     def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from typing import Any
 from idml.core.checkpoint import load_checkpoint
 from idml.core.config import RunConfig, config_from_dict
 from idml.core.errors import CheckpointError
+from idml.core.rundir import quiet
 from idml.core.runtime import select_device
 from idml.data.build import splits_from_config
 from idml.data.registry import get_dataset
@@ -64,7 +65,7 @@ def evaluate_checkpoint(
     """
     trained = load_trained(checkpoint)
     dev = select_device(device)
-    splits = splits_from_config(trained.config, trained.model.input_spec, log=lambda _: None)
+    splits = splits_from_config(trained.config, trained.model.input_spec, log=quiet)
     metrics, unc = evaluate_model(trained.model.to(dev), splits, trained.config, dev,
                                   ambiguity=True)
     return metrics, trained.recorded.get("final"), unc

@@ -16,7 +16,7 @@ import yaml
 from idml.core.checkpoint import load_checkpoint
 from idml.core.config import RunConfig, config_from_dict
 from idml.core.errors import ConfigError
-from idml.core.rundir import CONFIG_FILE, LOG_FILE, RESUME_FILE, RunLog, new_run_dir
+from idml.core.rundir import CONFIG_FILE, LOG_FILE, RESUME_FILE, RunLog, new_run_dir, quiet
 from idml.core.runtime import seed_everything, select_device
 from idml.data.splits import RetrievalSplits
 from idml.evaluation.evaluator import evaluate_model
@@ -24,7 +24,7 @@ from idml.method.model import IntrospectiveNet
 from idml.training.distributed import Distributed, process_group
 from idml.training.factories import build, build_loss_for, check_config
 from idml.training.state import ResumeState, process_seeds
-from idml.training.trainer import Trainer, _quiet
+from idml.training.trainer import Trainer
 
 
 @dataclass
@@ -98,10 +98,10 @@ def _prepare(
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         saved = ResumeState.from_payload(load_checkpoint(run_dir / RESUME_FILE,
                                                          map_location="cpu"))
-        log = RunLog(run_dir / LOG_FILE) if ctx.is_main else _quiet
+        log = RunLog(run_dir / LOG_FILE) if ctx.is_main else quiet
         return run_dir, saved, log, ctx.main_first(lambda: build(cfg, device, log))
     run_dir = ctx.on_main(lambda: new_run_dir(cfg))
-    log = RunLog(run_dir / LOG_FILE) if ctx.is_main else _quiet
+    log = RunLog(run_dir / LOG_FILE) if ctx.is_main else quiet
     try:
         return run_dir, None, log, ctx.main_first(lambda: build(cfg, device, log))
     except BaseException:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from idml.core.checkpoint import save_checkpoint
 from idml.core.config import RunConfig, as_dict
 from idml.core.io import write_json
-from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, RESUME_FILE
+from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, RESUME_FILE, quiet
 from idml.core.runtime import autocast
 from idml.data.loader import make_train_loader
 from idml.data.splits import RetrievalSplits, labels_of
@@ -34,10 +34,6 @@ from idml.method.model import IntrospectiveNet
 from idml.training.distributed import Distributed
 from idml.training.factories import make_optimizer
 from idml.training.state import ResumeState, process_seeds, restore_rng, rng_state
-
-
-def _quiet(message: str) -> None:
-    """The log of processes other than 0."""
 
 
 class Trainer:
@@ -58,7 +54,7 @@ class Trainer:
         *,
         ctx: Distributed | None = None,
         run_dir: Path | None = None,
-        log: Callable[[str], None] = _quiet,
+        log: Callable[[str], None] = quiet,
     ) -> None:
         self.cfg, self.model, self.loss_fn, self.splits = cfg, model, loss_fn, splits
         self.device, self.ctx = device, ctx or Distributed()
