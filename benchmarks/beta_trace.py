@@ -31,7 +31,7 @@ from idml.core.rundir import quiet
 from idml.core.runtime import seed_everything
 from idml.data.splits import LabeledTensors, RetrievalSplits
 from idml.method.metric import proxy_introspective_similarity, uncertainty_score
-from idml.method.model import IntrospectiveNet
+from idml.method.model import model_for_design
 from idml.training.factories import build, build_loss_for
 from idml.training.trainer import Trainer
 
@@ -40,8 +40,8 @@ def frozen_trainer(cfg: RunConfig) -> Trainer:
     """The loss sweep's setting: two heads and the proxies on cached pooled features."""
     feats = cached_features(cfg)
     seed_everything(cfg.seed)
-    model = IntrospectiveNet(torch.nn.Identity(), feats["train"].shape[1], cfg.embedding_dim,
-                             freeze_bn=False)
+    model = model_for_design(torch.nn.Identity(), feats["train"].shape[1], cfg.embedding_dim,
+                             design=cfg.design, freeze_bn=False)
     splits = RetrievalSplits(train=LabeledTensors(as_feature_maps(feats["train"]),
                                                   feats["train_y"]),
                              test=None, num_train_classes=int(feats["train_y"].max()) + 1)

@@ -28,13 +28,13 @@ from idml.training.run import train
 #: What each row changes on top of the preset (everything else identical).
 VARIANTS: dict[str, dict[str, object]] = {
     "baseline": {"metric": "semantic", "mixup": False},  # plain Proxy-Anchor
-    "idml": {"metric": "introspective", "mixup": True, "mode": "default"},
-    "reference": {"metric": "introspective", "mixup": True, "mode": "reference"},
+    "idml": {"metric": "introspective", "mixup": True, "design": "paper"},
+    "reference": {"metric": "introspective", "mixup": True, "design": "release"},
     "mixup_only": {"metric": "semantic", "mixup": True},
-    "metric_only": {"metric": "introspective", "mixup": False, "mode": "default"},
+    "metric_only": {"metric": "introspective", "mixup": False, "design": "paper"},
     # the paper's form of the ISM, alpha * exp(-beta / alpha), without the release's constant
     # warp b = 4 (cosine form: a = 1/2, b = 0)
-    "idml_paper": {"metric": "introspective", "mixup": True, "mode": "default",
+    "idml_paper": {"metric": "introspective", "mixup": True, "design": "paper",
                    "ism_a": 0.5, "ism_b": 0.0},
 }
 COLUMNS = ("recall@1", "recall@2", "nmi", "map@r")

@@ -38,7 +38,7 @@ from idml.data.cache import cache_root
 from idml.data.splits import LabeledTensors, RetrievalSplits, labels_of
 from idml.evaluation.evaluator import evaluate_model
 from idml.method.losses import LOSSES
-from idml.method.model import IntrospectiveNet
+from idml.method.model import IntrospectiveNet, model_for_design
 from idml.training.factories import build, build_loss_for
 from idml.training.trainer import Trainer
 
@@ -86,8 +86,8 @@ def run_one(cfg: RunConfig, feats: dict[str, torch.Tensor]) -> dict:
     Trainer, then evaluate the test features with its evaluator."""
     seed_everything(cfg.seed)
     f_train, y_train = feats["train"], feats["train_y"]
-    model = IntrospectiveNet(torch.nn.Identity(), f_train.shape[1], cfg.embedding_dim,
-                             freeze_bn=False)
+    model = model_for_design(torch.nn.Identity(), f_train.shape[1], cfg.embedding_dim,
+                             design=cfg.design, freeze_bn=False)
     splits = RetrievalSplits(
         train=LabeledTensors(as_feature_maps(f_train), y_train),
         test=LabeledTensors(as_feature_maps(feats["test"]), feats["test_y"]),

@@ -118,7 +118,8 @@ def uncertainty_grad(normalize: bool) -> float:
     torch.manual_seed(0)
     # float64: the normalised case's gradient is zero analytically; its rounding noise would
     # otherwise be amplified by 1/||u|| (small at init).
-    model = create_model("digits_cnn", embedding_dim=16, normalize_uncertainty=normalize).double()
+    design = "release" if normalize else "paper"
+    model = create_model("digits_cnn", embedding_dim=16, design=design).double()
     _, u = model(torch.rand(4, 1, 8, 8, dtype=torch.float64))
     if not normalize:  # small but non-zero at init (a zero u would get no gradient)
         assert 0 < u.pow(2).sum(dim=1).mean().item() < 0.5

@@ -36,7 +36,9 @@ def test_cli_train_then_eval_end_to_end(tmp_path, capsys):
     assert set(metrics["initial"]) == METRIC_KEYS and set(metrics["final"]) == METRIC_KEYS
     assert metrics["final"]["recall@1"] > metrics["initial"]["recall@1"]
     assert 0.0 <= metrics["uncertainty"]["mixup_auroc"] <= 1.0
-    assert set(metrics["uncertainty"]["risk_coverage"]) == {"uncertainty", "semantic_gap", "random"}
+    assert set(metrics["uncertainty"]["risk_coverage"]) == {"uncertainty", "semantic_gap",
+                                                           "feature_norm", "random"}
+    assert 0.0 <= metrics["uncertainty"]["cutmix_auroc"] <= 1.0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["epochs"] == 8 and saved["metric"] == "introspective"
 
@@ -141,20 +143,30 @@ def test_evaluating_a_missing_validation_split_is_an_error():
         evaluate_model(model, splits, cfg, torch.device("cpu"), part="val")
 
 
-def test_mixup_uncertainty_scores_5050_blends_within_each_batch():
-    from idml.evaluation.evaluator import mixup_uncertainty
+def test_ambiguity_probe_scores_blends_and_cutmix_within_each_batch():
+    from idml.evaluation.evaluator import ambiguity_probe
 
     cfg = RunConfig(device="cpu", eval_batch_size=64)
     model, splits = build(cfg, torch.device("cpu"))
-    got = mixup_uncertainty(model, splits.test, cfg, torch.device("cpu"))
+    got = ambiguity_probe(model, splits.test, cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(cfg.seed)
     x = splits.test.images[:64]
     partner = torch.randperm(64, generator=gen)
+    # the CutMix box: half the area (6 x 6 of 8 x 8 rounds 8 / sqrt 2), position from gen
+    top, left = (int(torch.randint(0, 3, (), generator=gen)) for _ in range(2))
+    pasted = x.clone()
+    pasted[..., top:top + 6, left:left + 6] = x[partner][..., top:top + 6, left:left + 6]
     model.eval()
     with torch.no_grad():
-        _, u = model(0.5 * x + 0.5 * x[partner])
-    assert got.shape == (len(splits.test),)
-    torch.testing.assert_close(got[:64], u.pow(2).sum(1))
+        _, u_mix = model(0.5 * x + 0.5 * x[partner])
+        _, u_cut = model(pasted)
+        _, u = model(x)
+        f = model.forward_features(x)
+    assert got["mixup"].shape == (len(splits.test),)
+    torch.testing.assert_close(got["mixup"][:64], u_mix.pow(2).sum(1))
+    torch.testing.assert_close(got["cutmix"][:64], u_cut.pow(2).sum(1))
+    torch.testing.assert_close(got["clean"][:64], u.pow(2).sum(1))
+    torch.testing.assert_close(got["feature_norm"][:64], f.norm(dim=1))
 
 
 def test_proxy_anchor_flags_are_refused_for_other_losses(tmp_path, capsys):

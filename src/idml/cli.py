@@ -13,7 +13,6 @@ from idml import __version__
 from idml.core.config import (
     BETA_VARIANTS,
     METRICS,
-    MODES,
     PRECISIONS,
     PRESETS,
     RunConfig,
@@ -22,11 +21,13 @@ from idml.core.config import (
 from idml.core.errors import IdmlError
 from idml.data.download import SOURCES
 from idml.data.registry import DATASETS
+from idml.method.designs import DESIGNS
 from idml.method.losses import LOSSES
 
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
-    "uncertainty_dim": int, "data_root": str, "out": str, "train_classes": str, "csv": str,
+    "uncertainty_dim": int, "uncertainty_lr_mult": float, "data_root": str, "out": str,
+    "train_classes": str, "csv": str,
 }
 _HELP: dict[str, str] = {
     "metric": "semantic (plain baseline) or introspective (IDML)",
@@ -36,7 +37,8 @@ _HELP: dict[str, str] = {
     "loss": "proxy_anchor is the paper's; angular is semantic-only",
     "dataset": "; ".join(f"{name}: {info.summary}" for name, info in DATASETS.items()),
     "data_root": "folder (or file) of the data set [$IDML_DATA_ROOT/<its usual name>]",
-    "mode": "default, or reference to reproduce the authors' release numerics",
+    "design": "how the uncertainty embedding is made and trained: "
+              + "; ".join(f"{name}: {d.summary}" for name, d in DESIGNS.items()),
     "out": "run folder (default: runs/<time>-<dataset>-<metric>)",
     "pretrained": "none, timm (needs network), package (efficientnet_lite0), or a weights file",
     "val_fraction": "fraction of training classes held out to pick the best epoch (0: last)",
@@ -47,7 +49,7 @@ _HELP: dict[str, str] = {
 
 #: The closed choices of config fields, read from the registries and the config itself.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "metric": METRICS, "mode": MODES,
+    "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "metric": METRICS, "design": tuple(DESIGNS),
     "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
 }
 

@@ -13,7 +13,8 @@ from idml.core.errors import ConfigError
 
 #: Closed choices of the config itself (data sets and losses are chosen from their registries).
 METRICS = ("semantic", "introspective")
-MODES = ("default", "reference")
+#: The design of configs saved before designs existed (their ``mode`` field maps onto it).
+LEGACY_MODES = {"default": "paper", "reference": "release"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 BETA_VARIANTS = ("difference", "sum")
 
@@ -42,7 +43,7 @@ class RunConfig:
     # loss and metric
     loss: str = "proxy_anchor"  # any name of idml.method.losses.LOSSES
     metric: str = "introspective"  # semantic (baseline) | introspective
-    mode: str = "default"  # default | reference (the authors' release numerics)
+    design: str = "paper"  # uncertainty design: any name of idml.method.designs.DESIGNS
     ism_a: float = 5.0
     ism_b: float = 4.0
     ism_beta: str = "difference"  # uncertainty distance: difference ||u_i-u_j||^2 | sum
@@ -56,7 +57,7 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     proxy_lr_mult: float = 100.0
-    uncertainty_lr_mult: float = 1.0  # uncertainty head's lr / lr (BENCHMARKS: beta trace)
+    uncertainty_lr_mult: float | None = None  # uncertainty head's lr / lr; None: the design's
     lr_step: int = 5
     lr_gamma: float = 0.5
     warmup_epochs: int = 1
@@ -80,7 +81,7 @@ class RunConfig:
         used (:func:`idml.training.factories.check_config`).
         """
         choices = {
-            "metric": METRICS, "mode": MODES, "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
+            "metric": METRICS, "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -105,7 +106,7 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("image_size", "proxy_lr_mult", "uncertainty_lr_mult", "lr_gamma"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ConfigError(f"eval_ks must be positive integers, got {self.eval_ks}")
@@ -186,6 +187,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    data = upgrade_legacy(data)
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -212,8 +214,21 @@ def resolve_config(
     return RunConfig(**values).validate()
 
 
+def upgrade_legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """Fields from before uncertainty designs in today's terms: ``mode: default`` is the
+    design ``paper``, ``mode: reference`` the design ``release``."""
+    values = dict(values)
+    if "mode" in values:
+        mode = values.pop("mode")
+        values.setdefault("design", LEGACY_MODES.get(mode, mode))
+    return values
+
+
 def config_from_dict(values: dict[str, Any], source: str) -> RunConfig:
-    """Rebuild a saved config (e.g. from a checkpoint), rejecting unknown fields."""
+    """Rebuild a saved config (e.g. from a checkpoint), rejecting unknown fields; configs
+    from before designs load as the design they were trained with (:func:`upgrade_legacy`)."""
+    values = upgrade_legacy(values)
+    values.setdefault("design", "paper")  # saved before designs: trained with the paper's
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

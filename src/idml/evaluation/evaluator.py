@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -17,8 +18,10 @@ from idml.data.splits import RetrievalSplits, labels_of
 from idml.evaluation.knn import knn
 from idml.evaluation.metrics import evaluation_depth, query_gallery_metrics, retrieval_metrics
 from idml.evaluation.uncertainty import (
+    GapCombination,
     mixup_ambiguity_auroc,
     query_correct,
+    semantic_confidence,
     uncertainty_report,
 )
 from idml.method.metric import uncertainty_score
@@ -48,30 +51,50 @@ def compute_embeddings(
     return torch.cat(sem), torch.cat(unc), labels_of(data)
 
 
+def cutmix(images: torch.Tensor, partner: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image with a box of half its area (position drawn from ``gen``) pasted from its
+    partner (CutMix, Yun et al. 2019): an ambiguity that IDML's mixup training never shows."""
+    h, w = images.shape[-2:]
+    bh, bw = max(1, round(h / 2**0.5)), max(1, round(w / 2**0.5))
+    top = int(torch.randint(0, h - bh + 1, (), generator=gen))
+    left = int(torch.randint(0, w - bw + 1, (), generator=gen))
+    out = images.clone()
+    out[..., top:top + bh, left:left + bw] = images[partner][..., top:top + bh, left:left + bw]
+    return out
+
+
 @torch.no_grad()
-def mixup_uncertainty(
+def ambiguity_probe(
     model: IntrospectiveNet, data: Dataset, cfg: RunConfig, device: torch.device
-) -> torch.Tensor:
-    """``||u||^2`` of every image blended 50/50 with another image of the same batch.
+) -> dict[str, torch.Tensor]:
+    """``||u||^2`` of every image clean, blended 50/50 with another image of its batch
+    (``mixup``) and with half its area pasted from another (``cutmix``), and the norm of its
+    pooled feature (``feature_norm``, a reference confidence).
 
     Deliberately ambiguous inputs: a useful uncertainty scores them above the clean images
-    (see :func:`idml.evaluation.uncertainty.mixup_ambiguity_auroc`). Partners come from a generator
-    seeded with ``cfg.seed``, so the check is reproducible.
+    (:func:`idml.evaluation.uncertainty.mixup_ambiguity_auroc`). Partners and boxes come
+    from a generator seeded with ``cfg.seed``, so the check is reproducible.
     """
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    scores = []
+    out: dict[str, list[torch.Tensor]] = {"clean": [], "mixup": [], "cutmix": [],
+                                          "feature_norm": []}
     loader = DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False,
                         num_workers=cfg.num_workers)
     for images, _ in loader:
         images = images.to(device)
         partner = torch.randperm(len(images), generator=gen).to(device)
+        probes = {"mixup": 0.5 * images + 0.5 * images[partner],
+                  "cutmix": cutmix(images, partner, gen)}
         with autocast(device, cfg.precision):
-            _, u = model(0.5 * images + 0.5 * images[partner])
-        scores.append(uncertainty_score(u).cpu())
+            f = model.forward_features(images)
+            out["clean"].append(uncertainty_score(model.heads(f)[1]).cpu())
+            out["feature_norm"].append(f.float().norm(dim=1).cpu())
+            for name, probe in probes.items():
+                out[name].append(uncertainty_score(model(probe)[1]).cpu())
     model.train(was_training)
-    return torch.cat(scores)
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def uncertainty_summary(
@@ -126,15 +149,35 @@ def evaluate_model(
             raise IdmlError(f"the data set has no {part} split")
         queries, gallery = splits.query, splits.gallery
     s, u, y = _embed_on(model, queries, cfg, device)
+    extra: dict[str, Any] = {}
+    if ambiguity:
+        probe = ambiguity_probe(model, queries, cfg, device)
+        extra["feature_norm"] = probe["feature_norm"].numpy()
+        combo = _combination(model, splits.val, cfg, device) if part == "test" and \
+            splits.val is not None else None
+        if combo is not None:
+            extra["combined"] = combo
     if gallery is None:
-        metrics, summary, report = _leave_one_out(s, u, y, cfg)
+        metrics, summary, report = _leave_one_out(s, u, y, cfg, extra)
     else:
         metrics, summary, report = _against_gallery(s, u, y, _embed_on(model, gallery, cfg,
-                                                                       device), cfg)
+                                                                       device), cfg, extra)
     if ambiguity:
-        mixed = mixup_uncertainty(model, queries, cfg, device)
-        summary["mixup_auroc"] = mixup_ambiguity_auroc(uncertainty_score(u).cpu(), mixed)
+        for name in ("mixup", "cutmix"):
+            summary[f"{name}_auroc"] = mixup_ambiguity_auroc(probe["clean"], probe[name])
     return metrics, {**summary, "risk_coverage": report}
+
+
+def _combination(model: IntrospectiveNet, val: Dataset, cfg: RunConfig,
+                 device: torch.device) -> GapCombination | None:
+    """The gap + ``||u||^2`` combination fitted on the validation classes (leave-one-out);
+    ``None`` when every validation query is right (or every one wrong): nothing to fit."""
+    s, u, y = _embed_on(model, val, cfg, device)
+    correct = query_correct(s, y).cpu().numpy()
+    if len(np.unique(correct)) < 2:
+        return None
+    gap = semantic_confidence(s).cpu().numpy()
+    return GapCombination(gap, uncertainty_score(u).cpu().numpy(), correct)
 
 
 def _embed_on(model: IntrospectiveNet, data: Dataset, cfg: RunConfig,
@@ -144,8 +187,21 @@ def _embed_on(model: IntrospectiveNet, data: Dataset, cfg: RunConfig,
     return s.to(device), u.to(device), y.to(device)  # exact kNN runs on the device
 
 
-def _leave_one_out(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
-                   cfg: RunConfig) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+def _extra_rows(extra: dict[str, Any], s: torch.Tensor, u: torch.Tensor,
+                nb: tuple[torch.Tensor, torch.Tensor], gallery: torch.Tensor | None = None
+                ) -> dict[str, np.ndarray]:
+    """Reference confidences as arrays; a fitted combination is applied to these queries."""
+    rows = {k: v for k, v in extra.items() if not isinstance(v, GapCombination)}
+    for name, combo in extra.items():
+        if isinstance(combo, GapCombination):
+            gap = semantic_confidence(s, gallery=gallery, neighbours=nb).cpu().numpy()
+            rows[name] = combo(gap, uncertainty_score(u).cpu().numpy())
+    return rows
+
+
+def _leave_one_out(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
+                   extra: dict[str, Any]
+                   ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Every query against the rest of its set: one kNN pass serves the metrics, the
     uncertainty summary and the semantic gap."""
     ks = tuple(cfg.eval_ks)
@@ -153,12 +209,13 @@ def _leave_one_out(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
     nb = knn(unit, unit, min(max(2, evaluation_depth(y, ks)), len(y) - 1), exclude_self=True)
     return (retrieval_metrics(s, y, ks=ks, seed=cfg.seed, neighbours=nb),
             uncertainty_summary(s, u, y, neighbours=nb),
-            uncertainty_report(s, u, y, neighbours=nb))
+            uncertainty_report(s, u, y, neighbours=nb, extra=_extra_rows(extra, s, u, nb)))
 
 
 def _against_gallery(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
                      gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     cfg: RunConfig) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+                     cfg: RunConfig, extra: dict[str, Any]
+                     ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Queries against a separate gallery (In-Shop), one kNN pass for all of it."""
     ks = tuple(cfg.eval_ks)
     gs, _, gy = gallery
@@ -167,7 +224,8 @@ def _against_gallery(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
              exclude_self=False)
     return (query_gallery_metrics(s, y, gs, gy, ks=ks, neighbours=nb),
             uncertainty_summary(s, u, y, gallery=(gs, gy), neighbours=nb),
-            uncertainty_report(s, u, y, gallery=gs, gallery_labels=gy, neighbours=nb))
+            uncertainty_report(s, u, y, gallery=gs, gallery_labels=gy, neighbours=nb,
+                               extra=_extra_rows(extra, s, u, nb, gs)))
 
 
 def format_metrics_table(columns: dict[str, dict[str, float]]) -> str:

@@ -213,6 +213,7 @@ def uncertainty_report(
     gallery_labels: torch.Tensor | None = None,
     coverages: Sequence[float] = DEFAULT_COVERAGES,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Compare confidences for ranking retrieval queries, one row each.
 
@@ -225,6 +226,8 @@ def uncertainty_report(
     when all queries succeed or all fail. Queries are leave-one-out on ``semantic`` or
     against ``gallery`` / ``gallery_labels``; ``uncertainty`` belongs to the queries.
     ``neighbours``: the queries' ``knn`` result (at least 2 columns), if already computed.
+    ``extra``: further confidences (one per query, larger = more confident), one row each
+    after ``semantic_gap`` (e.g. ``feature_norm``, ``combined``).
     """
     if uncertainty.shape[0] != semantic.shape[0]:
         raise IdmlError("one uncertainty embedding per query is required")
@@ -235,11 +238,41 @@ def uncertainty_report(
     scores = _as_numpy(uncertainty_score(uncertainty), np.float64)
     gap = _as_numpy(semantic_confidence(semantic, gallery=gallery, neighbours=neighbours),
                     np.float64)
-    return {
-        "uncertainty": _row(-scores, correct, coverages),
-        "semantic_gap": _row(gap, correct, coverages),
-        "random": random_reference(correct, coverages),
-    }
+    rows = {"uncertainty": _row(-scores, correct, coverages),
+            "semantic_gap": _row(gap, correct, coverages)}
+    for name, confidence in (extra or {}).items():
+        rows[name] = _row(_as_numpy(confidence, np.float64), correct, coverages)
+    rows["random"] = random_reference(correct, coverages)
+    return rows
+
+
+class GapCombination:
+    """A confidence that combines the semantic gap with ``-||u||^2``, fitted on other data.
+
+    Logistic regression of "the nearest neighbour is right" on the two standardised scores
+    (scikit-learn), fitted on validation classes (never the test classes). Whether it ranks
+    test queries better than the gap alone says whether ``u`` adds information to the gap.
+    """
+
+    def __init__(self, gap: np.ndarray, score: np.ndarray, correct: np.ndarray) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        x = np.c_[gap, -score]
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-12
+        if len(np.unique(correct)) < 2:
+            raise IdmlError("the fitting queries must contain both hits and misses")
+        self.model = LogisticRegression().fit((x - self.mean) / self.std, correct)
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """Standardised weights of (gap, -||u||^2)."""
+        w = self.model.coef_[0]
+        return float(w[0]), float(w[1])
+
+    def __call__(self, gap: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """The combined confidence (log-odds of a hit) of queries."""
+        x = (np.c_[gap, -score] - self.mean) / self.std
+        return self.model.decision_function(x)
 
 
 def mixup_ambiguity_auroc(

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from idml.core.config import RunConfig
 from idml.core.errors import IdmlError
 from idml.method.backbones import IMAGENET_SPEC, create_backbone, freeze_batch_norms
+from idml.method.designs import LEGACY_DESIGN, LinearHead, get_design
 
 
 class IntrospectiveNet(nn.Module):
@@ -40,7 +40,7 @@ class IntrospectiveNet(nn.Module):
 
     backbone: nn.Module
     semantic_head: nn.Linear
-    uncertainty_head: nn.Linear
+    uncertainty_head: nn.Module
 
     def __init__(
         self,
@@ -52,7 +52,8 @@ class IntrospectiveNet(nn.Module):
         normalize_uncertainty: bool = False,
         freeze_bn: bool = True,
         input_spec: dict[str, Any] | None = None,
-        uncertainty_init_scale: float = 0.1,
+        uncertainty_head: nn.Module | None = None,
+        detach_uncertainty_input: bool = False,
     ) -> None:
         super().__init__()
         if freeze_bn:
@@ -63,24 +64,28 @@ class IntrospectiveNet(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.normalize_uncertainty = normalize_uncertainty
+        self.detach_uncertainty_input = detach_uncertainty_input
         self.freeze_bn = freeze_bn
         self.input_spec = dict(input_spec if input_spec is not None else IMAGENET_SPEC)
         self.semantic_head = nn.Linear(feature_dim, embedding_dim)
-        self.uncertainty_head = nn.Linear(feature_dim, uncertainty_dim or embedding_dim)
-        self._init_heads(uncertainty_init_scale)
-
-    def _init_heads(self, uncertainty_scale: float) -> None:
+        du = uncertainty_dim or embedding_dim
+        self.uncertainty_head = uncertainty_head or LinearHead(feature_dim, du)
+        if int(self.uncertainty_head.out_features) != du:
+            raise IdmlError(f"uncertainty_head gives {self.uncertainty_head.out_features} "
+                            f"columns, uncertainty_dim is {du}")
         # Orthogonal rows preserve the angles between features, which is all cosine sees.
         nn.init.orthogonal_(self.semantic_head.weight)
         nn.init.zeros_(self.semantic_head.bias)
-        # u must start non-zero: at u = 0 the gradient of ||u||^2 (2 u f^T) vanishes and the
-        # head would never leave zero. It should also start small next to the semantic
-        # distance (alpha in [0, 2]) so the ISM begins close to the plain metric. With this
-        # std, E||u||^2 = scale^2 * mean(f_j^2): ~0.03-0.1 for BN-normalised or pretrained
-        # features (mean f_j^2 ~ 3-15 measured on the backbones here).
-        du, fdim = self.uncertainty_head.weight.shape
-        nn.init.normal_(self.uncertainty_head.weight, std=uncertainty_scale / math.sqrt(du * fdim))
-        nn.init.zeros_(self.uncertainty_head.bias)
+        # The head's own initial state (u small but non-zero), drawn after the semantic
+        # head's as it always was (the golden run's random stream).
+        init = getattr(self.uncertainty_head, "init_weights", None)
+        if init is not None:  # a head of idml.method.designs; a custom head inits itself
+            init()
+
+    @property
+    def uncertainty_dim(self) -> int:
+        """Size ``Du`` of the uncertainty embedding."""
+        return int(self.uncertainty_head.out_features)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map ``[B, F, h, w]``."""
@@ -102,9 +107,12 @@ class IntrospectiveNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(semantic [B, D] unit-norm rows, uncertainty [B, Du])``."""
-        f = self.forward_features(x)
+        return self.heads(self.forward_features(x))
+
+    def heads(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two embeddings of pooled features ``f [B, F]`` (see :meth:`forward`)."""
         s = F.normalize(self.semantic_head(f), dim=1)
-        u = self.uncertainty_head(f)
+        u = self.uncertainty_head(f.detach() if self.detach_uncertainty_input else f)
         if self.normalize_uncertainty:
             u = F.normalize(u, dim=1)
         return s, u
@@ -124,7 +132,7 @@ def create_model(
     embedding_dim: int = 512,
     uncertainty_dim: int | None = None,
     pretrained: str = "none",
-    normalize_uncertainty: bool = False,
+    design: str = LEGACY_DESIGN,
     freeze_bn: bool | None = None,
     in_chans: int | None = None,
 ) -> IntrospectiveNet:
@@ -140,16 +148,33 @@ def create_model(
     freeze_bn: default ``pretrained != "none"``; frozen BNs over random-init statistics are
         identities, so freezing only makes sense over loaded weights.
     in_chans: default 1 for ``digits_cnn``, else 3. ``tv_*`` support 3 only.
+    design: the uncertainty design (:data:`idml.method.designs.DESIGNS`) that makes the
+        uncertainty head.
     """
     net, feature_dim, spec = create_backbone(backbone, pretrained, in_chans)
+    return model_for_design(
+        net, feature_dim, embedding_dim, uncertainty_dim, design=design,
+        freeze_bn=pretrained != "none" if freeze_bn is None else freeze_bn, input_spec=spec,
+    )
+
+
+def model_for_design(
+    backbone: nn.Module,
+    feature_dim: int,
+    embedding_dim: int = 512,
+    uncertainty_dim: int | None = None,
+    *,
+    design: str = LEGACY_DESIGN,
+    **kwargs: Any,
+) -> IntrospectiveNet:
+    """An :class:`IntrospectiveNet` over ``backbone`` whose uncertainty head, input detaching
+    and normalisation are those of ``design``; ``kwargs`` go to the constructor."""
+    spec = get_design(design)
     return IntrospectiveNet(
-        net,
-        feature_dim,
-        embedding_dim,
-        uncertainty_dim,
-        normalize_uncertainty=normalize_uncertainty,
-        freeze_bn=pretrained != "none" if freeze_bn is None else freeze_bn,
-        input_spec=spec,
+        backbone, feature_dim, embedding_dim, uncertainty_dim,
+        normalize_uncertainty=spec.normalize,
+        uncertainty_head=spec.make_head(feature_dim, uncertainty_dim or embedding_dim),
+        detach_uncertainty_input=spec.detach_input, **kwargs,
     )
 
 
@@ -162,7 +187,7 @@ def model_from_config(cfg: RunConfig, in_chans: int) -> IntrospectiveNet:
         embedding_dim=cfg.embedding_dim,
         uncertainty_dim=cfg.uncertainty_dim,
         pretrained=cfg.pretrained,
-        normalize_uncertainty=cfg.mode == "reference",
+        design=cfg.design,
         freeze_bn=cfg.freeze_bn,
         in_chans=in_chans,
     )

@@ -32,6 +32,7 @@ from idml.data.digits import DIGIT_NAMES, load_digits_splits
 from idml.data.images import io_threads, to_rgb, to_storage_mode
 from idml.data.registry import get_dataset, resolve_root, test_transform
 from idml.data.sources import Source, dataset_source
+from idml.method.designs import LEGACY_DESIGN
 from idml.method.metric import ISMParams, uncertainty_score
 from idml.method.model import IntrospectiveNet
 from idml.serving.embeddings import EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION, EmbeddingSet
@@ -94,8 +95,11 @@ class Embedder:
         spec = self.model.input_spec
         # in-memory data sets have no image size of their own: their name stands for it
         size = self.dataset.name if self.dataset.in_memory else self.config.image_size
-        return (size, tuple(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
-                spec.get("interpolation"), spec.get("crop_pct"))
+        key = (size, tuple(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
+               spec.get("interpolation"), spec.get("crop_pct"))
+        # The uncertainty design changes what ||u||^2 means, so it is part of the identity;
+        # the legacy design is left out, so indexes made before designs still match.
+        return key if self.config.design == LEGACY_DESIGN else (*key, self.config.design)
 
     @property
     def semantic_dim(self) -> int:
@@ -105,7 +109,7 @@ class Embedder:
     @property
     def uncertainty_dim(self) -> int:
         """Size ``Du`` of the uncertainty embedding."""
-        return int(self.model.uncertainty_head.out_features)
+        return self.model.uncertainty_dim
 
     @property
     def ism(self) -> ISMParams:

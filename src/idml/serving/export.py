@@ -88,7 +88,7 @@ def input_metadata(model: IntrospectiveNet, example: torch.Tensor) -> dict[str, 
         "mean": [float(v) for v in spec["mean"]],
         "std": [float(v) for v in spec["std"]],
         "semantic_dim": int(model.semantic_head.out_features),
-        "uncertainty_dim": int(model.uncertainty_head.out_features),
+        "uncertainty_dim": model.uncertainty_dim,
     }
 
 
