@@ -303,3 +303,60 @@ def test_predictive_target_is_the_batch_nearest_neighbour_failure():
     p = odds / (1 + odds)
     bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
     torch.testing.assert_close(loss(s, u, y), bce)
+
+
+# --- training labels with errors -----------------------------------------------------------
+
+def test_symmetric_label_noise_moves_the_stated_fraction_to_other_classes():
+    from idml.data.splits import symmetric_label_noise
+
+    labels = torch.tensor([3, 5, 9] * 40)
+    noisy = symmetric_label_noise(labels, 0.2, seed=1)
+    moved = noisy != labels
+    assert moved.sum().item() == 24  # round(0.2 * 120)
+    assert set(noisy.tolist()) <= {3, 5, 9}  # only classes of the training split
+    assert torch.equal(noisy, symmetric_label_noise(labels, 0.2, seed=1))
+    assert not torch.equal(noisy, symmetric_label_noise(labels, 0.2, seed=2))
+    with pytest.raises(ValueError, match="label_noise"):
+        symmetric_label_noise(labels, 1.0, seed=0)
+
+
+def test_mislabel_scores_against_a_direct_computation():
+    from idml.evaluation.uncertainty import mislabel_auroc, mislabel_scores
+
+    g = torch.Generator().manual_seed(0)
+    s = F.normalize(torch.randn(30, 8, generator=g), dim=1)
+    u = torch.randn(30, 4, generator=g)
+    y = torch.arange(3).repeat(10)
+    got = mislabel_scores(s, u, y, k=4)
+    sims = s @ s.T
+    for i in (0, 7, 29):
+        others = sorted((j for j in range(30) if j != i), key=lambda j: -float(sims[i, j]))[:4]
+        assert got["knn_disagreement"][i] == pytest.approx(
+            sum(int(y[j] != y[i]) for j in others) / 4)
+        centre = F.normalize(s[y == y[i]].mean(0), dim=0)
+        assert got["centroid_distance"][i] == pytest.approx(1 - float(s[i] @ centre), abs=1e-6)
+    assert got["uncertainty"] == pytest.approx(u.pow(2).sum(1).double().numpy(), rel=1e-6)
+    flipped = torch.zeros(30, dtype=torch.bool)
+    flipped[:5] = True
+    perfect = {"x": flipped.double().numpy()}
+    assert mislabel_auroc(perfect, flipped.numpy()) == {"x": 1.0}
+
+
+def test_suspicious_lists_a_runs_training_images(tmp_path, capsys):
+    """End to end on the digits with 20 % label noise: the command names the run's training
+    items, most suspect first, with their (noisy) labels."""
+    import json
+
+    from idml.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--no-progress", "--label-noise", "0.2",
+                 "--design", "predictive", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5 and rows[0]["path"] is None
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "0"]) == 2

@@ -106,6 +106,13 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    sus = sub.add_parser("suspicious", help="list a run's training images whose label is most "
+                                             "likely wrong (by ||u||^2)")
+    sus.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
+    sus.add_argument("--top", type=int, default=20, help="how many to list [20]")
+    sus.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    sus.add_argument("--json", action="store_true", help="print the list as JSON")
+
     data = sub.add_parser("data", help="data set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dl = data_sub.add_parser(
@@ -155,6 +162,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suspicious(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from idml.serving.trained import suspicious_training_images
+
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    suspects = suspicious_training_images(args.checkpoint, args.top, args.device)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(x) for x in suspects], indent=2))
+        return 0
+    print(f"{'rank':>4}  {'||u||^2':>9}  {'knn disagree':>12}  {'label':>5}  image")
+    for rank, x in enumerate(suspects, 1):
+        where = x.path if x.path is not None else f"training item {x.index}"
+        print(f"{rank:>4}  {x.score:>9.4g}  {x.knn_disagreement:>12.2f}  {x.label:>5}  {where}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from idml.evaluation.evaluator import format_metrics_table
     from idml.evaluation.uncertainty import format_uncertainty_table
@@ -173,8 +198,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"largest difference from the metrics recorded at training: {diff:.3g}")
     print("\nqueries ranked by confidence (risk = 1 - recall@1; lower AURC is better):")
     print(format_uncertainty_table(unc["risk_coverage"]))
-    print(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} (blended vs clean test images "
-          "by ||u||^2; 0.5 = chance)")
+    print(f"ambiguity check (||u||^2 of altered vs clean test images; 0.5 = chance): mixup "
+          f"AUROC {unc['mixup_auroc']:.3f}, CutMix AUROC {unc['cutmix_auroc']:.3f}")
     return 0
 
 
@@ -348,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search,
                    "train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
-                   "export": _cmd_export, "report": _cmd_report}[args.command]
+                   "export": _cmd_export, "report": _cmd_report,
+                   "suspicious": _cmd_suspicious}[args.command]
         return command(args)
     except (ValueError, OSError) as exc:  # our errors name the file, parameter or field
         print(f"idml {args.command}: error: {as_flags(str(exc), args)}", file=sys.stderr)

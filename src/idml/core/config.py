@@ -28,6 +28,7 @@ class RunConfig:
     data_root: str | None = None
     rotation_classes: bool = True  # digits: rotated training digits as extra classes
     val_fraction: float = 0.0  # >0: carve a class-disjoint validation split from train classes
+    label_noise: float = 0.0  # experiments: this fraction of training labels moved (seeded)
     train_classes: str | None = None  # folder/csv: fraction ("0.5") or comma list of classes
     csv: str | None = None  # csv data set: the manifest (path,label[,split])
     image_size: int = 224  # image data sets: train crop / test centre crop
@@ -92,6 +93,8 @@ class RunConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ConfigError(f"label_noise must be in [0, 1), got {self.label_noise}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:

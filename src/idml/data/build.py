@@ -14,7 +14,7 @@ from idml.data.digits import load_digits_splits
 from idml.data.images import CachedImageDataset, ImageDataset, cache_images, validate_images
 from idml.data.records import DatasetError, Records
 from idml.data.registry import get_dataset, read_dataset, resolve_root
-from idml.data.splits import RetrievalSplits, remap_labels, validation_mask
+from idml.data.splits import RetrievalSplits, remap_labels, validation_mask, with_label_noise
 from idml.data.transforms import build_transforms, test_crop_fraction
 
 
@@ -76,7 +76,7 @@ def load_image_splits(
         if not cache:
             return ImageDataset(records, transform)
         decoded = cache_images(records, short_side, cache_dir=cache_root() / "decoded")
-        return CachedImageDataset(decoded, records.labels, transform)
+        return CachedImageDataset(decoded, records.labels, transform, records.paths)
 
     train = parts["train"]
     is_val = validation_mask(torch.tensor(train.labels), val_fraction)
@@ -97,7 +97,14 @@ def load_image_splits(
 def splits_from_config(
     cfg: RunConfig, input_spec: dict[str, Any], log: Callable[[str], None] = print
 ) -> RetrievalSplits:
-    """The data splits a run config describes, normalised for a model's ``input_spec``."""
+    """The data splits a run config describes, normalised for a model's ``input_spec``;
+    ``cfg.label_noise`` moves that fraction of the training labels (seeded by ``cfg.seed``)."""
+    return with_label_noise(_clean_splits(cfg, input_spec, log), cfg.label_noise, cfg.seed)
+
+
+def _clean_splits(
+    cfg: RunConfig, input_spec: dict[str, Any], log: Callable[[str], None]
+) -> RetrievalSplits:
     if get_dataset(cfg.dataset).in_memory:  # the embedded digits
         return load_digits_splits(
             tuple(input_spec["mean"]), tuple(input_spec["std"]), cfg.val_fraction,

@@ -263,10 +263,12 @@ def cache_images(
 class CachedImageDataset(Dataset):
     """:class:`ImageDataset` over a :class:`DecodedCache`: ``(transform(uint8 RGB), label)``."""
 
-    def __init__(self, cache: DecodedCache, labels: Sequence[int], transform: Any = None) -> None:
+    def __init__(self, cache: DecodedCache, labels: Sequence[int], transform: Any = None,
+                 paths: Sequence[Path] | None = None) -> None:
         if len(cache) != len(labels):
             raise IdmlError(f"{len(cache)} cached images but {len(labels)} labels")
         self.cache, self.labels, self.transform = cache, list(labels), transform
+        self.paths = list(paths) if paths is not None else None  # where each image came from
 
     def __len__(self) -> int:
         return len(self.labels)

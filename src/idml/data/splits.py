@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,71 @@ class RetrievalSplits:
     in_memory: bool = False
 
 
+class NoisyLabels(Dataset):
+    """``data`` with some labels replaced (training labels with errors, for experiments).
+
+    ``labels`` are the labels training sees, ``clean_labels`` the true ones; ``flipped`` marks
+    the images whose label was changed.
+    """
+
+    def __init__(self, data: Dataset, labels: torch.Tensor) -> None:
+        self.data, self.labels = data, labels
+        self.clean_labels = labels_of(data)
+        if len(self.labels) != len(self.clean_labels):
+            raise IdmlError(f"{len(self.clean_labels)} images but {len(self.labels)} labels")
+
+    @property
+    def flipped(self) -> torch.Tensor:
+        """Boolean mask of the images whose label is wrong."""
+        return self.labels != self.clean_labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.data[i][0], int(self.labels[i])
+
+
+def symmetric_label_noise(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Labels with ``round(fraction * N)`` of them (chosen by ``seed``) moved to another
+    class drawn uniformly from the rest (symmetric noise among the classes present)."""
+    if not 0.0 <= fraction < 1.0:
+        raise IdmlError(f"label_noise must be in [0, 1), got {fraction}")
+    classes = torch.unique(labels)
+    if fraction > 0 and len(classes) < 2:
+        raise IdmlError("label noise needs at least two training classes")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(labels), generator=gen)[: round(fraction * len(labels))]
+    position = torch.searchsorted(classes, labels[chosen])
+    shift = torch.randint(1, max(len(classes), 2), (len(chosen),), generator=gen)
+    noisy = labels.clone()
+    noisy[chosen] = classes[(position + shift) % len(classes)]
+    return noisy
+
+
+def with_label_noise(splits: RetrievalSplits, fraction: float, seed: int) -> RetrievalSplits:
+    """``splits`` whose training set has symmetric label noise (validation and test clean)."""
+    if fraction == 0:
+        return splits
+    noisy = symmetric_label_noise(labels_of(splits.train), fraction, seed)
+    return dataclasses.replace(splits, train=NoisyLabels(splits.train, noisy))
+
+
 def labels_of(data: Dataset) -> torch.Tensor:
     """The integer labels of a data set built here, as a 1-d ``long`` tensor."""
     labels = getattr(data, "labels", None)
     if labels is None:
         labels = data.records.labels  # type: ignore[attr-defined]
     return torch.as_tensor(labels, dtype=torch.long)
+
+
+def paths_of(data: Dataset) -> list[str] | None:
+    """The image file of each item of a data set built here; ``None`` for in-memory data."""
+    inner = data.data if isinstance(data, NoisyLabels) else data
+    paths = getattr(inner, "paths", None)
+    if paths is None and hasattr(inner, "records"):
+        paths = inner.records.paths
+    return None if paths is None else [str(p) for p in paths]
 
 
 def remap_labels(labels: torch.Tensor) -> torch.Tensor:

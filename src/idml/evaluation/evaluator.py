@@ -19,6 +19,7 @@ from idml.evaluation.knn import knn
 from idml.evaluation.metrics import evaluation_depth, query_gallery_metrics, retrieval_metrics
 from idml.evaluation.uncertainty import (
     GapCombination,
+    mislabel_scores,
     mixup_ambiguity_auroc,
     query_correct,
     semantic_confidence,
@@ -178,6 +179,15 @@ def _combination(model: IntrospectiveNet, val: Dataset, cfg: RunConfig,
         return None
     gap = semantic_confidence(s).cpu().numpy()
     return GapCombination(gap, uncertainty_score(u).cpu().numpy(), correct)
+
+
+def training_suspicion(
+    model: IntrospectiveNet, train: Dataset, cfg: RunConfig, device: torch.device
+) -> dict[str, np.ndarray]:
+    """:func:`~idml.evaluation.uncertainty.mislabel_scores` of every training image, under the
+    labels training saw (``train`` should use the test-time transform)."""
+    s, u, y = _embed_on(model, train, cfg, device)
+    return mislabel_scores(s, u, y)
 
 
 def _embed_on(model: IntrospectiveNet, data: Dataset, cfg: RunConfig,

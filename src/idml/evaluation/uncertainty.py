@@ -275,6 +275,39 @@ class GapCombination:
         return self.model.decision_function(x)
 
 
+def mislabel_scores(
+    semantic: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor, k: int = 10
+) -> dict[str, np.ndarray]:
+    """Scores of how likely each training image's label is wrong (larger = more suspect).
+
+    ``uncertainty``: ``||u||^2``. Two trivial references: ``knn_disagreement``, the fraction
+    of the image's ``k`` nearest other training images (cosine) whose label differs, and
+    ``centroid_distance``, ``1 - cos`` to the mean embedding of its own label's images (the
+    per-image loss of a nearest-class-mean classifier).
+    """
+    s = F.normalize(semantic.float(), dim=1)
+    y = torch.as_tensor(labels, device=s.device)
+    k = min(k, len(y) - 1)
+    if k < 1:
+        raise IdmlError("need at least two training images")
+    _, idx = knn(s, s, k, exclude_self=True)
+    disagree = (y[idx] != y[:, None]).float().mean(1)
+    classes, inverse = torch.unique(y, return_inverse=True)
+    centres = torch.zeros(len(classes), s.shape[1], device=s.device).index_add_(0, inverse, s)
+    centroid = 1.0 - (s * F.normalize(centres, dim=1)[inverse]).sum(1)
+    return {"uncertainty": _as_numpy(uncertainty_score(uncertainty), np.float64),
+            "knn_disagreement": _as_numpy(disagree, np.float64),
+            "centroid_distance": _as_numpy(centroid, np.float64)}
+
+
+def mislabel_auroc(scores: dict[str, np.ndarray], flipped: np.ndarray) -> dict[str, float]:
+    """AUROC of each score for finding the images whose label is wrong (0.5 = chance)."""
+    flipped = _as_numpy(flipped, bool)
+    if flipped.all() or not flipped.any():
+        raise IdmlError("need both mislabelled and correctly labelled images")
+    return {name: float(roc_auc_score(flipped, score)) for name, score in scores.items()}
+
+
 def mixup_ambiguity_auroc(
     clean_scores: torch.Tensor | np.ndarray, mixed_scores: torch.Tensor | np.ndarray
 ) -> float:

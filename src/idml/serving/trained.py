@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from idml.core.checkpoint import load_checkpoint
 from idml.core.config import RunConfig, config_from_dict
 from idml.core.errors import CheckpointError
@@ -16,7 +18,8 @@ from idml.core.rundir import quiet
 from idml.core.runtime import select_device
 from idml.data.build import splits_from_config
 from idml.data.registry import get_dataset
-from idml.evaluation.evaluator import evaluate_model
+from idml.data.splits import labels_of, paths_of
+from idml.evaluation.evaluator import evaluate_model, training_suspicion
 from idml.method.model import IntrospectiveNet, model_from_config
 
 
@@ -69,3 +72,34 @@ def evaluate_checkpoint(
     metrics, unc = evaluate_model(trained.model.to(dev), splits, trained.config, dev,
                                   ambiguity=True)
     return metrics, trained.recorded.get("final"), unc
+
+
+@dataclass
+class Suspect:
+    """A training image whose label may be wrong (:func:`suspicious_training_images`)."""
+
+    index: int  #: position in the training split
+    path: str | None  #: its file (None for in-memory data such as the digits)
+    label: int  #: the label training saw (a training class index)
+    score: float  #: ``||u||^2`` (larger = more suspect)
+    knn_disagreement: float  #: fraction of its 10 nearest training images with another label
+
+
+def suspicious_training_images(
+    checkpoint: str | os.PathLike[str], top: int = 20, device: str = "auto"
+) -> list[Suspect]:
+    """The ``top`` training images of a run ranked by ``||u||^2``, most suspect first.
+
+    The training split is rebuilt as the run saw it (its classes, validation hold-out and
+    any ``label_noise``) with the test-time transform.
+    """
+    trained = load_trained(checkpoint)
+    dev = select_device(device)
+    cfg = dataclasses.replace(trained.config, augment=False)
+    train = splits_from_config(cfg, trained.model.input_spec, log=quiet).train
+    scores = training_suspicion(trained.model.to(dev), train, cfg, dev)
+    order = np.argsort(-scores["uncertainty"], kind="stable")[:top]
+    paths, labels = paths_of(train), labels_of(train)
+    return [Suspect(int(i), None if paths is None else paths[i], int(labels[i]),
+                    float(scores["uncertainty"][i]), float(scores["knn_disagreement"][i]))
+            for i in order]

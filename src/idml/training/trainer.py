@@ -242,8 +242,9 @@ class Trainer:
                  f"neighbour is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
         self.log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
                  + format_uncertainty_table(unc["risk_coverage"]))
-        self.log(f"mixup ambiguity check: AUROC {unc['mixup_auroc']:.3f} of telling "
-                 "50/50-blended test images from clean ones by ||u||^2 (0.5 = chance)")
+        self.log(f"ambiguity check: AUROC of telling altered test images from clean ones by "
+                 f"||u||^2 (0.5 = chance): 50/50 mixup {unc['mixup_auroc']:.3f}, CutMix (half "
+                 f"the area from another image) {unc['cutmix_auroc']:.3f}")
         return final, unc
 
     def _write_results(self, final: dict[str, float], unc: dict[str, Any]) -> None:
