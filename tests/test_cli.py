@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from idml.cli import build_parser, main
-from idml.core.config import METRICS, MODES, PRECISIONS, resolve_config
+from idml.core.config import METRICS, PRECISIONS, resolve_config
 from idml.data.registry import DATASET_NAMES
+from idml.method.designs import DESIGNS
 from idml.method.losses import LOSSES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -22,7 +23,7 @@ def _train_help(capsys) -> str:
 
 def test_train_help_lists_every_closed_choice(capsys):
     text = _train_help(capsys)
-    for names in (DATASET_NAMES, tuple(LOSSES), METRICS, MODES, PRECISIONS):
+    for names in (DATASET_NAMES, tuple(LOSSES), METRICS, tuple(DESIGNS), PRECISIONS):
         assert "{" + ",".join(names) + "}" in text
     assert "timm.list_models" in text
 

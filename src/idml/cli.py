@@ -196,7 +196,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if recorded is not None:
         diff = max(abs(metrics[k] - recorded[k]) for k in metrics if k in recorded)
         print(f"largest difference from the metrics recorded at training: {diff:.3g}")
-    print("\nqueries ranked by confidence (risk = 1 - recall@1; lower AURC is better):")
+    print("\nqueries ranked by confidence (risk = 1 - recall@1; lower AURC is better; "
+          f"uncertainty = ||u||^2 of design {unc['design']}):")
     print(format_uncertainty_table(unc["risk_coverage"]))
     print(f"ambiguity check (||u||^2 of altered vs clean test images; 0.5 = chance): mixup "
           f"AUROC {unc['mixup_auroc']:.3f}, CutMix AUROC {unc['cutmix_auroc']:.3f}")
@@ -304,7 +305,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     print(f"embedded {len(emb)} images ({len(set(known.tolist()))} classes, "
           f"{len(emb) - len(known)} unlabelled) with model {embedder.fingerprint} -> {path}: "
           f"semantic {embedder.semantic_dim}-d, uncertainty {embedder.uncertainty_dim}-d, "
-          f"mean ||u||^2 {float(score.mean()) if len(score) else float('nan'):.4g}")
+          f"mean ||u||^2 {float(score.mean()) if len(score) else float('nan'):.4g} "
+          f"(design {embedder.config.design})")
     return 0
 
 

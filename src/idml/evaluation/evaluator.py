@@ -166,7 +166,7 @@ def evaluate_model(
     if ambiguity:
         for name in ("mixup", "cutmix"):
             summary[f"{name}_auroc"] = mixup_ambiguity_auroc(probe["clean"], probe[name])
-    return metrics, {**summary, "risk_coverage": report}
+    return metrics, {**summary, "design": cfg.design, "risk_coverage": report}
 
 
 def _combination(model: IntrospectiveNet, val: Dataset, cfg: RunConfig,

@@ -56,6 +56,8 @@ METRIC_NAMES = {
 CURVE_NAMES = {
     "uncertainty": "uncertainty (-||u||²)",
     "semantic_gap": "semantic gap (cos₁ - cos₂)",
+    "feature_norm": "pooled-feature norm",
+    "combined": "gap + uncertainty (fitted on validation classes)",
     "random": "random order (expected)",
 }
 

@@ -238,8 +238,9 @@ class Trainer:
         if self.run_dir is not None:
             self._write_results(final, unc)
         self.log(format_metrics_table({"initial": self.initial, "final": final}))
-        self.log(f"uncertainty ||u||^2 on test: mean {unc['mean']:.4g}; queries whose nearest "
-                 f"neighbour is right {unc['correct_mean']:.4g}, wrong {unc['wrong_mean']:.4g}")
+        self.log(f"uncertainty ||u||^2 (design {unc['design']}) on test: mean {unc['mean']:.4g}; "
+                 f"queries whose nearest neighbour is right {unc['correct_mean']:.4g}, "
+                 f"wrong {unc['wrong_mean']:.4g}")
         self.log("queries ranked by confidence (risk = 1 - recall@1; lower AURC is better):\n"
                  + format_uncertainty_table(unc["risk_coverage"]))
         self.log(f"ambiguity check: AUROC of telling altered test images from clean ones by "
