@@ -195,8 +195,8 @@ def _trace(trainer: Trainer, steps: int) -> tuple[list[float], list[float]]:
 BETA_RANGE = (1e-3, 5.0)
 #: ``predictive`` never puts ||u||^2 in a metric: it is the odds of a failure, which the
 #: binary cross entropy keeps near the batch's failure rate (odds 1/50 .. 50).
-RANGES = {"predictive": (1e-3, 50.0)}
-STABLE = ["stable", "expressive", "decoupled", "dul", "predictive"]
+RANGES = {"predictive": (1e-3, 50.0), "guarded": (1e-3, 50.0)}
+STABLE = ["stable", "expressive", "decoupled", "dul", "predictive", "guarded"]
 
 
 @pytest.mark.parametrize("design", STABLE)
@@ -303,6 +303,30 @@ def test_predictive_target_is_the_batch_nearest_neighbour_failure():
     p = odds / (1 + odds)
     bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
     torch.testing.assert_close(loss(s, u, y), bce)
+
+
+def test_guarded_blends_train_the_doubt_alone():
+    """Under mixup the guarded objective gives the semantics exactly the plain loss's
+    gradient on the clean images (blends reach only the failure odds), while ``predictive``
+    also pulls the blends' semantics; computed against the plain loss by hand."""
+    from idml.method.losses import mixup_loss
+
+    s, u, y = _batch(4)
+    s_mix = F.normalize(torch.randn_like(s), dim=1).requires_grad_()
+    u_mix = (0.1 * torch.randn_like(u)).requires_grad_()
+    perm = torch.randperm(len(y))
+    cfg = RunConfig(design="guarded", metric="introspective", embedding_dim=s.shape[1])
+    guarded = build_loss_for(cfg, int(y.max()) + 1)
+    plain = guarded.semantic
+    mixup_loss(guarded, (s, u), (s_mix, u_mix), y, perm, 0.3).backward()
+    expected = torch.autograd.grad(plain(s, u, y), s)[0]
+    torch.testing.assert_close(s.grad, expected)
+    assert s_mix.grad is None or s_mix.grad.abs().max() == 0  # no semantic pull on blends
+    assert u_mix.grad.abs().sum() > 0  # the blends train the doubt
+    predictive = build_loss_for(dataclasses.replace(cfg, design="predictive"), int(y.max()) + 1)
+    s_mix.grad = None
+    mixup_loss(predictive, (s.detach(), u.detach()), (s_mix, u_mix), y, perm, 0.3).backward()
+    assert s_mix.grad.abs().sum() > 0
 
 
 # --- training labels with errors -----------------------------------------------------------

@@ -19,8 +19,13 @@ The registry :data:`DESIGNS` holds the forms compared in ``BENCHMARKS.md`` (issu
 ``release`` and ``paper`` (kept selectable), ``stable`` (the paper's linear head at the learning
 rate the first-step trace allows), ``expressive`` (a non-linear head, able to score a blend
 above both of its parts), ``decoupled`` (semantics trained by the plain loss; the
-uncertainty by the ISM on detached semantics) and ``dul`` (a cost of doubt with a principled
-prior: Data Uncertainty Learning, Chang et al. 2020).
+uncertainty by the ISM on detached semantics), ``dul`` (a cost of doubt with a principled
+prior: Data Uncertainty Learning, Chang et al. 2020), ``predictive`` (``||u||^2`` trained as
+the odds of a retrieval failure) and ``guarded`` (``predictive`` whose embedding never sees a
+mixup blend).
+
+An objective may define ``blend_loss(s, u, labels)``: the loss that mixup applies to blends
+(:func:`idml.method.losses.mixup_loss`; by default the objective itself).
 """
 
 from __future__ import annotations
@@ -179,10 +184,13 @@ class FailureOddsLoss(nn.Module):
     linear in its target, so a blend is trained towards ``lam * fail_y + (1 - lam) * fail_y2``.
     """
 
-    def __init__(self, factory: LossFactory, weight: float = 1.0) -> None:
+    def __init__(self, factory: LossFactory, weight: float = 1.0,
+                 semantic_on_blends: bool = True) -> None:
         super().__init__()
         self.semantic = factory("semantic")
         self.weight = weight
+        if not semantic_on_blends:  # mixup blends train the doubt alone (see mixup_loss)
+            self.blend_loss = self.doubt
 
     def proxy_parameters(self) -> list[nn.Parameter]:
         """The semantic loss's proxies."""
@@ -197,11 +205,19 @@ class FailureOddsLoss(nn.Module):
             sim.fill_diagonal_(float("-inf"))
             return (labels[sim.argmax(1)] != labels).float()
 
-    def forward(self, s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def doubt(self, s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weighted cross entropy of the failure odds ``||u||^2`` alone."""
         # the logit of p = odds / (1 + odds), odds = ||u||^2 (the floor keeps log finite)
         logit = torch.log(u.float().pow(2).sum(1) + 1e-12)
-        doubt = F.binary_cross_entropy_with_logits(logit, self.batch_failure(s, labels))
-        return self.semantic(s, u, labels) + self.weight * doubt
+        target = self.batch_failure(s, labels)
+        return self.weight * F.binary_cross_entropy_with_logits(logit, target)
+
+    def forward(self, s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.semantic(s, u, labels) + self.doubt(s, u, labels)
+
+
+def _guarded(factory: LossFactory) -> nn.Module:
+    return FailureOddsLoss(factory, semantic_on_blends=False)
 
 
 def _joint(factory: LossFactory) -> nn.Module:
@@ -248,6 +264,9 @@ DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("predictive", "plain loss on the semantics; ||u||^2 of a non-linear head on detached "
            "features trained as the odds that the image's nearest neighbour in the batch has "
            "another label", head=MLPHead, detach_input=True, wrap=FailureOddsLoss),
+    Design("guarded", "predictive, with the embedding guarded from mixup: the semantics see "
+           "the baseline's own objective (clean images only); blends train the failure odds "
+           "alone", head=MLPHead, detach_input=True, wrap=_guarded),
 )}
 
 

@@ -127,11 +127,14 @@ def mixup_loss(
     """The paper's objective ``L(x, y) + lam L(x_mix, y) + (1 - lam) L(x_mix, y[perm])``.
 
     ``clean`` and ``mixed`` are ``(semantic, uncertainty)`` of the clean and mixed images.
+    An objective with a ``blend_loss`` (an uncertainty design's, ``idml.method.designs``)
+    applies that to the blends instead of itself.
     """
+    blend = getattr(loss_fn, "blend_loss", loss_fn)
     return (
         loss_fn(*clean, labels)
-        + lam * loss_fn(*mixed, labels)
-        + (1.0 - lam) * loss_fn(*mixed, labels[perm])
+        + lam * blend(*mixed, labels)
+        + (1.0 - lam) * blend(*mixed, labels[perm])
     )
 
 
