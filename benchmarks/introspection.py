@@ -26,8 +26,13 @@ prints the tables of a results file without training.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import itertools
 import json
+import multiprocessing
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,13 +42,17 @@ import yaml
 from losses import as_feature_maps, cached_features
 
 from idml.core.config import RunConfig, resolve_config
-from idml.core.runtime import seed_everything
-from idml.data.splits import LabeledTensors, RetrievalSplits
-from idml.evaluation.evaluator import evaluate_model
+from idml.core.rundir import quiet
+from idml.core.runtime import seed_everything, select_device
+from idml.data.build import splits_from_config
+from idml.data.splits import LabeledTensors, NoisyLabels, RetrievalSplits, with_label_noise
+from idml.evaluation.evaluator import evaluate_model, training_suspicion
+from idml.evaluation.uncertainty import mislabel_auroc
 from idml.method.designs import DESIGNS
 from idml.method.metric import uncertainty_score
 from idml.method.model import model_for_design
-from idml.training.factories import build_loss_for
+from idml.serving.trained import load_trained
+from idml.training.factories import build, build_loss_for
 from idml.training.run import train
 from idml.training.trainer import Trainer
 
@@ -97,7 +106,7 @@ def beta_range(trainer: Trainer, epochs: int) -> tuple[list[float], list[float]]
 
 def run_frozen(cfg: RunConfig, feats: dict) -> dict:
     seed_everything(cfg.seed)
-    splits = frozen_splits(feats, cfg.val_fraction)
+    splits = with_label_noise(frozen_splits(feats, cfg.val_fraction), cfg.label_noise, cfg.seed)
     model = model_for_design(torch.nn.Identity(), feats["train"].shape[1], cfg.embedding_dim,
                              design=cfg.design, freeze_bn=False)
     trainer = Trainer(cfg, model, build_loss_for(cfg, splits.num_train_classes), splits,
@@ -107,18 +116,32 @@ def run_frozen(cfg: RunConfig, feats: dict) -> dict:
     train_s = time.perf_counter() - start
     metrics, unc = evaluate_model(model, splits, cfg, torch.device("cpu"), ambiguity=True)
     unc.pop("cutmix_auroc", None)  # a 1x1 "image" has no patch to paste: not measured here
-    return {"train_s": train_s, "beta_first": betas, "epoch_losses": losses, "final": metrics,
-            "uncertainty": unc}
+    row = {"train_s": train_s, "beta_first": betas, "epoch_losses": losses, "final": metrics,
+           "uncertainty": unc, "label_noise": cfg.label_noise}
+    if isinstance(splits.train, NoisyLabels):
+        scores = training_suspicion(model, splits.train, cfg, torch.device("cpu"))
+        row["mislabel_auroc"] = mislabel_auroc(scores, splits.train.flipped.numpy())
+    return row
 
 
 def run_finetune(cfg: RunConfig, out_root: Path) -> dict:
-    out = out_root / f"{cfg.dataset}-{cfg.design if cfg.metric != 'semantic' else 'baseline'}" \
-                     f"-seed{cfg.seed}"
+    design = cfg.design if cfg.metric != "semantic" else "baseline"
+    out = out_root / (f"{cfg.dataset}-{design}-ep{cfg.epochs}-noise{cfg.label_noise:g}"
+                      f"-seed{cfg.seed}")
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
     result = train(cfg)
-    return {"train_s": time.perf_counter() - start, "final": result.final,
-            "uncertainty": result.uncertainty, "run_dir": str(result.run_dir)}
+    row = {"train_s": time.perf_counter() - start, "final": result.final,
+           "uncertainty": result.uncertainty, "run_dir": str(result.run_dir),
+           "label_noise": cfg.label_noise}
+    if cfg.label_noise > 0:  # the run's training images under the test transform
+        device = select_device(cfg.device)
+        model = load_trained(result.run_dir / "checkpoint.pt").model.to(device)
+        clean = dataclasses.replace(cfg, augment=False)
+        train_set = splits_from_config(clean, model.input_spec, log=quiet).train
+        scores = training_suspicion(model, train_set, clean, device)
+        row["mislabel_auroc"] = mislabel_auroc(scores, train_set.flipped.numpy())
+    return row
 
 
 def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -134,9 +157,11 @@ def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 def summarise(rows: list[dict]) -> str:
     """Markdown tables (mean ± std over seeds) per preset and recipe."""
     out = []
-    for key in dict.fromkeys((r["preset"], r["recipe"]) for r in rows):
-        group = [r for r in rows if (r["preset"], r["recipe"]) == key]
-        out += [f"\n{key[0]}, {key[1]} ({len({r['seed'] for r in group})} seeds)\n",
+    clean = [r for r in rows if not r.get("label_noise")]
+    for key in dict.fromkeys((r["preset"], r["recipe"], r["epochs"]) for r in clean):
+        group = [r for r in clean if (r["preset"], r["recipe"], r["epochs"]) == key]
+        out += [f"\n{key[0]}, {key[1]}, {key[2]} epochs ({len({r['seed'] for r in group})} "
+                f"seeds; {group[0].get('machine', 'CPU')})\n",
                 "| design | R@1 | MAP@R | AURC u | gap | feature norm | combined | random | "
                 "mixup AUROC | CutMix AUROC | mean u² | beta first 30 steps (min-max) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -157,6 +182,23 @@ def summarise(rows: list[dict]) -> str:
                 f"{pm([r['uncertainty'].get('mixup_auroc', float('nan')) for r in rs], 1, 3)}"
                 f" | {pm([r['uncertainty'].get('cutmix_auroc', float('nan')) for r in rs], 1, 3)}"
                 f" | {pm([r['uncertainty']['mean'] for r in rs], 1, 3)} | {span} |")
+    noisy = [r for r in rows if r.get("mislabel_auroc")]
+    if noisy:
+        out += ["\ntraining labels with errors: accuracy and AUROC of finding the mislabelled "
+                "training images\n",
+                "| preset, recipe | noise | design | R@1 | MAP@R | AUROC u | kNN disagreement | "
+                "centroid distance |", "|---|---|---|---|---|---|---|---|"]
+        keys = dict.fromkeys((r["preset"], r["recipe"], r["label_noise"], r["design"])
+                             for r in noisy)
+        for preset, recipe, noise, design in keys:
+            rs = [r for r in noisy if (r["preset"], r["recipe"], r["label_noise"], r["design"])
+                  == (preset, recipe, noise, design)]
+            au = {k: pm([r["mislabel_auroc"][k] for r in rs], 1, 3)
+                  for k in ("uncertainty", "knn_disagreement", "centroid_distance")}
+            out.append(f"| {preset}, {recipe} | {noise:.0%} | {design} | "
+                       f"{pm([r['final']['recall@1'] for r in rs])} | "
+                       f"{pm([r['final']['map@r'] for r in rs])} | {au['uncertainty']} | "
+                       f"{au['knn_disagreement']} | {au['centroid_distance']} |")
     return "\n".join(out)
 
 
@@ -168,12 +210,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="[frozen 4, finetune the preset's]")
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--label-noise", nargs="+", type=float, default=[0.0],
+                        help="fractions of training labels moved (seeded), e.g. 0 0.1 0.2 0.4")
     parser.add_argument("--results", default="benchmarks/results/introspection.jsonl")
     parser.add_argument("--out", default="runs/introspection", help="finetune run folders")
     parser.add_argument("--summary", action="store_true", help="only print --results' tables")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="further RunConfig overrides")
     parser.add_argument("--threads", type=int, help="torch threads (1: beside another job)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (e.g. several small runs sharing one GPU)")
     return parser.parse_args()
 
 
@@ -190,39 +236,90 @@ def recipe_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def main() -> None:
-    args = parse_args()
+def machine() -> str:
+    """What ran it: the GPU's name, else the processor's."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def run_one(preset: str, design: str, noise: float, seed: int,
+            args: argparse.Namespace) -> dict:
+    """One run of the recipe as a results row (in a worker process under ``--jobs``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    base = resolve_config(preset, overrides=recipe_overrides(args))
+    cfg = dataclasses.replace(variant(base, design, seed), label_noise=noise)
+    if args.recipe == "frozen":
+        row = run_frozen(cfg, cached_features(dataclasses.replace(base, val_fraction=0.0)))
+    else:
+        row = run_finetune(cfg, Path(args.out))
+    return {"preset": preset, "recipe": args.recipe, "design": design, "seed": seed,
+            "epochs": cfg.epochs, "machine": machine(), **row}
+
+
+def record(row: dict, results: Path) -> None:
+    """Append ``row`` to ``results`` and print it on one line."""
+    with results.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    rc = row["uncertainty"]["risk_coverage"]
+    found = row.get("mislabel_auroc", {}).get("uncertainty", float("nan"))
+    mixup = row["uncertainty"].get("mixup_auroc", float("nan"))
+    print(f"{row['preset']} {row['design']:10s} noise {row['label_noise']:.0%} seed "
+          f"{row['seed']} ({row['epochs']} ep): R@1 {100 * row['final']['recall@1']:.2f} MAP@R "
+          f"{100 * row['final']['map@r']:.2f} AURC u/gap/random "
+          f"{rc['uncertainty']['aurc']:.4f}/{rc['semantic_gap']['aurc']:.4f}/"
+          f"{rc['random']['aurc']:.4f} mixup {mixup:.3f}"
+          f" mislabel AUROC {found:.3f} ({row['train_s']:.0f} s)", flush=True)
+
+
+def warm_caches(args: argparse.Namespace) -> None:
+    """Extract and decode each preset's data (or pool its features) once, before parallel
+    workers would each do it and race for the same cache entries."""
+    for preset in args.preset:
+        base = resolve_config(preset, overrides=recipe_overrides(args))
+        if args.recipe == "frozen":
+            cached_features(dataclasses.replace(base, val_fraction=0.0))
+        else:
+            build(base, torch.device("cpu"), log=quiet)
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every (preset, design, noise, seed), in order; ``--jobs`` runs that many at once
+    (spawned processes: CUDA does not survive a fork), each row recorded as it ends."""
+    tasks = list(itertools.product(args.preset, args.designs, args.label_noise, args.seeds))
+    results, rows = Path(args.results), []
+    if args.jobs == 1:
+        for task in tasks:
+            rows.append(run_one(*task, args))
+            record(rows[-1], results)
+        return rows
+    warm_caches(args)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_one, *task, args): task for task in tasks}
+        for done in concurrent.futures.as_completed(futures):
+            try:
+                rows.append(done.result())
+            except Exception as err:  # one failed run is reported; the others go on
+                print(f"{futures[done]} failed: {type(err).__name__}: {err}", flush=True)
+                continue
+            record(rows[-1], results)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
     results = Path(args.results)
     if args.summary:
         print(summarise([json.loads(x) for x in results.read_text().splitlines() if x]))
         return
     results.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for preset in args.preset:
-        base = resolve_config(preset, overrides=recipe_overrides(args))
-        feats = cached_features(dataclasses.replace(base, val_fraction=0.0)) \
-            if args.recipe == "frozen" else None
-        for design in args.designs:
-            for seed in args.seeds:
-                cfg = variant(base, design, seed)
-                row = run_frozen(cfg, feats) if feats is not None else \
-                    run_finetune(cfg, Path(args.out))
-                row = {"preset": preset, "recipe": args.recipe, "design": design,
-                       "seed": seed, "epochs": cfg.epochs, **row}
-                rows.append(row)
-                with results.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                rc = row["uncertainty"]["risk_coverage"]
-                print(f"{preset} {design:10s} seed {seed}: R@1 "
-                      f"{100 * row['final']['recall@1']:.2f} MAP@R "
-                      f"{100 * row['final']['map@r']:.2f} AURC u/gap/random "
-                      f"{rc['uncertainty']['aurc']:.4f}/{rc['semantic_gap']['aurc']:.4f}/"
-                      f"{rc['random']['aurc']:.4f} mixup "
-                      f"{row['uncertainty'].get('mixup_auroc', float('nan')):.3f} "
-                      f"({row['train_s']:.0f} s)", flush=True)
-    print(summarise(rows))
+    if args.jobs > 1 and not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    print(summarise(run_all(args)))
 
 
 if __name__ == "__main__":
