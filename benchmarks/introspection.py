@@ -21,6 +21,10 @@ prints the tables of a results file without training.
         --preset flowers-cpu omniglot-cpu --seeds 0 1 2
     IDML_DATA_ROOT=../shared/datasets python benchmarks/introspection.py --recipe finetune \\
         --preset flowers-cpu --designs baseline stable --seeds 0 --epochs 3
+
+``--jobs N`` runs N at once in spawned processes (the data is decoded once before they
+start); the fine-tuned budget of BENCHMARKS.md ran on one GPU with ``--jobs 9``. Rows record
+the machine (GPU or processor name); tables group by preset, recipe and epochs.
 """
 
 from __future__ import annotations
