@@ -267,7 +267,7 @@ def test_a_checkpoint_from_before_designs_loads_and_keeps_its_fingerprint(tmp_pa
     from idml.core.checkpoint import save_checkpoint, weights_fingerprint
 
     torch.manual_seed(0)
-    model = create_model("digits_cnn", embedding_dim=8, in_chans=1)
+    model = create_model("digits_cnn", embedding_dim=8, in_chans=1, design=LEGACY_DESIGN)
     old = {k: v for k, v in as_dict(RunConfig(embedding_dim=8)).items() if k != "design"}
     save_checkpoint(tmp_path / "old.pt", {"config": {**old, "mode": "default"},
                                           "model": model.state_dict(), "loss": {}})
@@ -381,6 +381,11 @@ def test_suspicious_lists_a_runs_training_images(tmp_path, capsys):
     assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "5", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 5 and rows[0]["path"] is None
-    scores = [r["score"] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    keys = [(r["knn_disagreement"], r["centroid_distance"]) for r in rows]  # the default order
+    assert keys == sorted(keys, reverse=True)
+    assert all(r["score"] == r["knn_disagreement"] for r in rows)
+    assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "3", "--json",
+                 "--by", "uncertainty"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["score"] for r in rows] == sorted((r["uncertainty"] for r in rows), reverse=True)
     assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "0"]) == 2

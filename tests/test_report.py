@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -86,7 +87,7 @@ def independent(run_dir: Path) -> dict[str, np.ndarray]:
     cfg = ckpt["config"]
     model = create_model("digits_cnn", embedding_dim=cfg["embedding_dim"],
                          uncertainty_dim=cfg["uncertainty_dim"], pretrained="none",
-                         freeze_bn=cfg["freeze_bn"], in_chans=1)
+                         freeze_bn=cfg["freeze_bn"], in_chans=1, design=cfg["design"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     bunch = load_digits()
@@ -391,3 +392,22 @@ def test_training_plot_adds_validation_panel() -> None:
         [{**h, "val": {"recall@1": 0.5 + h["epoch"] / 10}} for h in epochs]))
     assert three.shape[1] > two.shape[1] * 1.3  # one more panel side by side
     assert plot_training([]) is None and plot_training([{"epoch": 1}]) is None
+
+
+def test_report_lists_the_suspicious_training_images(
+    run_dir: Path, page: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--suspicious N``: the same N training items as ``idml suspicious``, in its order, with
+    their labels and scores, each with a thumbnail; without the flag the section is absent."""
+    out = tmp_path / "suspects.html"
+    assert cli.main(["report", str(run_dir), "--out", str(out), "--examples", "2",
+                     "--suspicious", "4"]) == 0
+    html_text = out.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["suspicious", str(run_dir / "checkpoint.pt"), "--top", "4", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    rows = re.findall(r'<tr class="suspect" data-index="(\d+)" data-label="(\d+)">', html_text)
+    assert [(int(i), int(lab)) for i, lab in rows] == [(x["index"], x["label"]) for x in listed]
+    section = html_text[html_text.index('id="suspicious"'):]
+    assert section.count("<img") == 4
+    assert 'id="suspicious"' not in page

@@ -218,6 +218,7 @@ def test_cli_index_and_search_end_to_end(cli_setup, capsys):
     assert main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fingerprint"] == idml.load(ckpt, device="cpu").fingerprint
+    assert out["design"] == idml.load(ckpt, device="cpu").config.design
     assert [q["query"] for q in out["queries"]] == [str(paths[0]), str(paths[4])]
     emb = load_embeddings(tmp / "emb.npz")
     for q, own in zip(out["queries"], (0, 4), strict=True):
@@ -231,7 +232,9 @@ def test_cli_index_and_search_end_to_end(cli_setup, capsys):
         assert q["semantic_gap"] == pytest.approx(cos[0] - cos[1], abs=1e-4)
     assert main([*argv, "--rerank", "introspective", "--shortlist", "6"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"query 1: {paths[0]}") and "ISM D_IN" in text
+    design = idml.load(ckpt, device="cpu").config.design
+    assert text.startswith(f"confidence: ||u||^2 of design {design} (larger = less sure)\n"
+                           f"query 1: {paths[0]}") and "ISM D_IN" in text
     # the Python API, with the ISM constants of the checkpoint's config
     embedder = idml.load(ckpt, device="cpu")
     embedder.config = dataclasses.replace(embedder.config, ism_a=0.5, ism_b=0.0, ism_beta="sum")

@@ -107,9 +107,13 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     sus = sub.add_parser("suspicious", help="list a run's training images whose label is most "
-                                             "likely wrong (by ||u||^2)")
+                                             "likely wrong")
     sus.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
     sus.add_argument("--top", type=int, default=20, help="how many to list [20]")
+    sus.add_argument("--by", default="knn_disagreement",
+                     choices=("knn_disagreement", "centroid_distance", "uncertainty"),
+                     help="ranking score [knn_disagreement: the one that finds flipped labels; "
+                          "||u||^2 cannot see a label, BENCHMARKS.md]")
     sus.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sus.add_argument("--json", action="store_true", help="print the list as JSON")
 
@@ -147,6 +151,9 @@ def _add_artifact_parsers(sub: Any) -> None:
                      help="device for recomputing the embeddings: cpu, auto, cuda, ... [cpu]")
     rep.add_argument("--examples", type=int, default=8, metavar="N",
                      help="retrieval examples and most/least uncertain thumbnails shown [8]")
+    rep.add_argument("--suspicious", type=int, default=0, metavar="N",
+                     help="also list the N training images whose label is most likely wrong "
+                          "(embeds the training split) [0]")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -169,14 +176,17 @@ def _cmd_suspicious(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    suspects = suspicious_training_images(args.checkpoint, args.top, args.device)
+    suspects = suspicious_training_images(args.checkpoint, args.top, args.device, args.by)
     if args.json:
         print(json.dumps([dataclasses.asdict(x) for x in suspects], indent=2))
         return 0
-    print(f"{'rank':>4}  {'||u||^2':>9}  {'knn disagree':>12}  {'label':>5}  image")
+    print(f"ranked by {args.by}")
+    print(f"{'rank':>4}  {'knn disagree':>12}  {'centroid':>8}  {'||u||^2':>9}  {'label':>5}  "
+          "image")
     for rank, x in enumerate(suspects, 1):
         where = x.path if x.path is not None else f"training item {x.index}"
-        print(f"{rank:>4}  {x.score:>9.4g}  {x.knn_disagreement:>12.2f}  {x.label:>5}  {where}")
+        print(f"{rank:>4}  {x.knn_disagreement:>12.2f}  {x.centroid_distance:>8.4f}  "
+              f"{x.uncertainty:>9.4g}  {x.label:>5}  {where}")
     return 0
 
 
@@ -231,7 +241,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_model(model, args.out, args.format, image_size=size, opset=args.opset)
     channels = model.input_spec["input_size"][0]
     print(f"wrote {path} ({args.format}): input [batch, {channels}, {size}, {size}] "
-          "-> (semantic, uncertainty)")
+          f"-> (semantic, uncertainty of design {cfg.design}: confidence -||u||^2)")
     try:
         diff = max_difference(model, path, args.format, example_input(model, size, 3, seed=1))
         print(f"largest difference from PyTorch on 3 random inputs: {diff:.3g}")
@@ -243,7 +253,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from idml.serving.report import write_report
 
-    path = write_report(args.run_dir, args.out, device=args.device, examples=args.examples)
+    if args.suspicious < 0:
+        raise ValueError(f"--suspicious must be >= 0, got {args.suspicious}")
+    path = write_report(args.run_dir, args.out, device=args.device, examples=args.examples,
+                        suspicious=args.suspicious)
     print(f"wrote {path}")
     return 0
 
@@ -344,9 +357,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
                            shortlist=args.shortlist)
     if args.json:
         out = {"index": args.index, "checkpoint": args.checkpoint,
-               "fingerprint": embedder.fingerprint, **result.to_dict()}
+               "fingerprint": embedder.fingerprint, "design": embedder.config.design,
+               **result.to_dict()}
         print(json.dumps(out, indent=2))
     else:
+        print(f"confidence: ||u||^2 of design {embedder.config.design} (larger = less sure)")
         print(format_results(result))
     return 0
 

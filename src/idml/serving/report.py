@@ -41,7 +41,7 @@ from idml.data.build import splits_from_config
 from idml.evaluation.evaluator import compute_embeddings
 from idml.evaluation.uncertainty import query_correct, risk_coverage, semantic_confidence
 from idml.method.metric import uncertainty_score
-from idml.serving.trained import load_trained
+from idml.serving.trained import Suspect, TrainedModel, load_trained, rank_training_suspects
 
 #: Results shown per retrieval example.
 TOP_K = 5
@@ -101,6 +101,8 @@ class ReportData:
     query_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     reference_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     leave_one_out: bool = True
+    suspects: list[Suspect] = field(default_factory=list)  # training images, most suspect first
+    suspect_thumbs: dict[int, Image.Image] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> Any:
@@ -169,10 +171,13 @@ def collect_report_data(
     device: str = "cpu",
     examples: int = 8,
     log: Callable[[str], None] | None = None,
+    suspicious: int = 0,
 ) -> ReportData:
     """Read a run folder and recompute what the report shows (test embeddings etc.).
 
     ``examples``: number of retrieval examples and of most / least uncertain thumbnails.
+    ``suspicious``: number of training images whose label is most likely wrong to list
+    (0: none; embedding the training split costs a pass over it).
     """
     if examples < 1:
         raise ReportError(f"examples must be at least 1, got {examples}")
@@ -215,13 +220,24 @@ def collect_report_data(
                     for i in {*most, *least, *chosen}}
     reference_thumbs = _reference_thumbnails(found, query_thumbs, queries, reference,
                                              model.input_spec)
+    suspects, suspect_thumbs = _suspects(trained, suspicious, device)
     return ReportData(
         run_dir=run_dir, config=as_dict(cfg), metrics=metrics, history=history,
         query_labels=labels.cpu().numpy(), scores=scores, correct=correct_np, curves=curves,
         most_uncertain=most, least_uncertain=least, examples=found,
         query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
-        leave_one_out=reference is None,
+        leave_one_out=reference is None, suspects=suspects, suspect_thumbs=suspect_thumbs,
     )
+
+
+def _suspects(trained: TrainedModel, count: int, device: str
+              ) -> tuple[list[Suspect], dict[int, Image.Image]]:
+    """The ``count`` most suspect training images (by kNN label disagreement) and thumbnails."""
+    if count < 1:
+        return [], {}
+    suspects, train = rank_training_suspects(trained, count, device)
+    return suspects, {x.index: _thumbnail(train, x.index, trained.model.input_spec)
+                      for x in suspects}
 
 
 def _read_run_files(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -516,6 +532,28 @@ def thumbnails_section(data: ReportData, uris: dict[int, str]) -> str:
     return "".join(parts)
 
 
+def suspects_section(data: ReportData) -> str:
+    """The training images whose label is most likely wrong, most suspect first."""
+    if not data.suspects:
+        return ""
+    rows = []
+    for rank, x in enumerate(data.suspects, 1):
+        where = x.path if x.path is not None else f"training item {x.index}"
+        uri = image_data_uri(data.suspect_thumbs[x.index])
+        rows.append(
+            f'<tr class="suspect" data-index="{x.index}" data-label="{x.label}">'
+            f"<td>{rank}</td><td>{_img(uri, f'training image {x.index}')}</td>"
+            f"<td>{_e(where)}</td><td>{x.label}</td><td>{x.knn_disagreement:.2f}</td>"
+            f"<td>{x.centroid_distance:.4f}</td><td>{x.uncertainty:.4g}</td></tr>")
+    return ('<h2 id="suspicious">Training images whose label is most likely wrong</h2>'
+            '<p class="note">Ranked by the fraction of the 10 nearest training images with '
+            "another label (ties: distance to the label's class centre). ||u||² is shown "
+            "beside it but does not rank: it sees the image, not the label (BENCHMARKS.md)."
+            "</p><table><tr><th>rank</th><th>image</th><th>file</th><th>label</th>"
+            "<th>kNN disagreement</th><th>centroid distance</th><th>||u||²</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
 def examples_section(data: ReportData, q_uris: dict[int, str], r_uris: dict[int, str]) -> str:
     """Queries with their top results, each marked right (same label) or wrong."""
     rows = []
@@ -554,7 +592,8 @@ def build_html(data: ReportData, figures: dict[str, str | None]) -> str:
     n = len(data.scores)
     acc = float(data.correct.mean()) if n else float("nan")
     summary = (f"{cfg.get('dataset')} / {cfg.get('backbone')} / {cfg.get('metric')} metric / "
-               f"{cfg.get('loss')} loss, {cfg.get('epochs')} epoch(s), seed {cfg.get('seed')}")
+               f"{cfg.get('loss')} loss / uncertainty design {cfg.get('design')}, "
+               f"{cfg.get('epochs')} epoch(s), seed {cfg.get('seed')}")
     training = (_img(figures["training"], "training curves", "plot")
                 if figures.get("training") else '<p class="note">no epochs recorded</p>')
     config_yaml = yaml.safe_dump(cfg, sort_keys=False)
@@ -575,6 +614,7 @@ Recall@1 of all queries {_e(_pct(acc))} %. Lower curves and AURC are better.</p>
 {thumbnails_section(data, q_uris)}
 <h2 id="examples">Retrieval examples</h2>
 {examples_section(data, q_uris, r_uris)}
+{suspects_section(data)}
 <h2 id="config">Configuration</h2>
 <details><summary>config.yaml</summary><pre>{_e(config_yaml)}</pre></details>
 """
@@ -601,9 +641,12 @@ def write_report(
     *,
     device: str = "cpu",
     examples: int = 8,
+    suspicious: int = 0,
 ) -> Path:
-    """Write the HTML report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``)."""
-    data = collect_report_data(run_dir, device=device, examples=examples)
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``);
+    ``suspicious`` > 0 lists that many training images whose label is most likely wrong."""
+    data = collect_report_data(run_dir, device=device, examples=examples,
+                               suspicious=suspicious)
     page = build_html(data, render_figures(data))
     path = Path(out) if out is not None else data.run_dir / "report.html"
     if path.is_dir():
