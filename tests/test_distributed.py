@@ -128,8 +128,12 @@ def test_two_process_step_equals_single_process_gradients(tmp_path):
 # of batch 60. Over these 6 steps of batch 600, measured against the 1-thread single process:
 # Proxy-Anchor weights within 4.5e-5, proxies 1.4e-5, metrics 6.6e-6, loss 7e-8 relative;
 # Multi-Similarity weights within 5e-7, metrics 7e-8. The tolerances below keep 10x margin.
+# Measured with the paper's design, whose every term is continuous in the embeddings: the
+# default design's failure odds have a discrete target (each image's nearest neighbour in the
+# batch), so a rounding-level difference can flip one of the 600 targets (measured: the epoch
+# loss 2.3e-4 relative apart); the resume test below runs the default design.
 SHORT = ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "600", "--no-mixup",
-         "--no-augment", "--freeze-bn", "--no-progress", "--device", "cpu"]
+         "--no-augment", "--freeze-bn", "--no-progress", "--device", "cpu", "--design", "paper"]
 RUN_FILES = {"config.yaml", "train.log", "checkpoint.pt", "metrics.json", "history.json"}
 
 

@@ -137,7 +137,7 @@ def _checkpoint_model(ckpt_path: Path) -> torch.nn.Module:
     cfg = ckpt["config"]
     model = create_model(cfg["backbone"], embedding_dim=cfg["embedding_dim"],
                          uncertainty_dim=cfg["uncertainty_dim"], pretrained="none",
-                         freeze_bn=cfg["freeze_bn"], in_chans=1)
+                         freeze_bn=cfg["freeze_bn"], in_chans=1, design=cfg["design"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -67,7 +67,7 @@ def test_frozen_bn_stays_frozen_and_equals_eval_mode_bn():
     from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 
     torch.manual_seed(0)
-    plain = create_model("resnet18", embedding_dim=8, freeze_bn=False)
+    plain = create_model("resnet18", embedding_dim=8, freeze_bn=False, design="paper")
     # give the BNs non-trivial statistics, as pretrained ones have
     plain.train()(torch.randn(8, 3, 64, 64))
     model = IntrospectiveNet(copy.deepcopy(plain.backbone), plain.feature_dim, 8,

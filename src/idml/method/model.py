@@ -14,7 +14,7 @@ from torch import nn
 from idml.core.config import RunConfig
 from idml.core.errors import IdmlError
 from idml.method.backbones import IMAGENET_SPEC, create_backbone, freeze_batch_norms
-from idml.method.designs import LEGACY_DESIGN, LinearHead, get_design
+from idml.method.designs import LinearHead, get_design
 
 
 class IntrospectiveNet(nn.Module):
@@ -132,7 +132,7 @@ def create_model(
     embedding_dim: int = 512,
     uncertainty_dim: int | None = None,
     pretrained: str = "none",
-    design: str = LEGACY_DESIGN,
+    design: str = RunConfig.design,
     freeze_bn: bool | None = None,
     in_chans: int | None = None,
 ) -> IntrospectiveNet:
@@ -164,7 +164,7 @@ def model_for_design(
     embedding_dim: int = 512,
     uncertainty_dim: int | None = None,
     *,
-    design: str = LEGACY_DESIGN,
+    design: str = RunConfig.design,
     **kwargs: Any,
 ) -> IntrospectiveNet:
     """An :class:`IntrospectiveNet` over ``backbone`` whose uncertainty head, input detaching
