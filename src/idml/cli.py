@@ -27,7 +27,7 @@ from idml.method.losses import LOSSES
 # Fields whose default is None still need a type on the command line.
 _NONE_DEFAULT_TYPES: dict[str, type] = {
     "uncertainty_dim": int, "uncertainty_lr_mult": float, "data_root": str, "out": str,
-    "train_classes": str, "csv": str,
+    "train_classes": str, "csv": str, "mlflow_uri": str,
 }
 _HELP: dict[str, str] = {
     "metric": "semantic (plain baseline) or introspective (IDML)",
@@ -44,7 +44,14 @@ _HELP: dict[str, str] = {
     "val_fraction": "fraction of training classes held out to pick the best epoch (0: last)",
     "device": "auto, cpu, cuda, cuda:N or mps (under torchrun: auto/cuda -> cuda:LOCAL_RANK)",
     "batch_size": "the global batch, split over torchrun processes",
+    "log": "experiment trackers, comma-separated: tensorboard,mlflow,wandb (W&B offline)",
+    "mlflow_uri": "MLflow store [$MLFLOW_TRACKING_URI, else sqlite:///~/.idml/mlflow.db]",
 }
+
+
+def _comma_list(text: str) -> list[str]:
+    """``a,b`` -> ``["a", "b"]`` (``--log tensorboard,mlflow``; an empty string: none)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 #: The closed choices of config fields, read from the registries and the config itself.
@@ -67,6 +74,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
+        elif f.name == "log":
+            parser.add_argument(flag, type=_comma_list, default=None, help=help_text)
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", type=int, default=None, help=help_text)
         else:

@@ -17,6 +17,8 @@ METRICS = ("semantic", "introspective")
 LEGACY_MODES = {"default": "paper", "reference": "release"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 BETA_VARIANTS = ("difference", "sum")
+#: Experiment trackers ``log`` may name (``idml.training.tracking``).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class RunConfig:
     out: str | None = None  # run folder; default runs/<time>-<dataset>-<metric>
     progress: bool = True
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU and GPU
+    # experiment trackers (idml.training.tracking): any of TRACKERS
+    log: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else ~/.idml/mlflow.db
 
     def validate(self) -> RunConfig:
         """Raise :class:`ConfigError` naming the field for values that cannot work.
@@ -111,6 +116,9 @@ class RunConfig:
         for name in ("image_size", "proxy_lr_mult", "uncertainty_lr_mult", "lr_gamma"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.log, list) or any(t not in TRACKERS for t in self.log):
+            raise ConfigError(f"log must name trackers among {', '.join(TRACKERS)}, "
+                              f"got {self.log!r}")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ConfigError(f"eval_ks must be positive integers, got {self.eval_ks}")
         return self

@@ -24,6 +24,7 @@ from idml.method.model import IntrospectiveNet
 from idml.training.distributed import Distributed, process_group
 from idml.training.factories import build, build_loss_for, check_config
 from idml.training.state import ResumeState, process_seeds
+from idml.training.tracking import Trackers, open_trackers
 from idml.training.trainer import Trainer
 
 
@@ -72,15 +73,22 @@ def _train(
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ctx.broadcast_state(model, loss_fn)  # identical start, whatever each process drew
     log(_describe(cfg, ctx, device, run_dir, splits))
-    trainer = Trainer(cfg, model, loss_fn, splits, device, ctx=ctx, run_dir=run_dir, log=log)
-    if saved is None:
-        trainer.initial = ctx.on_main(lambda: evaluate_model(model, splits, cfg, device)[0])
-    else:
-        trainer.restore(saved)
-        log(f"resumed {run_dir} after epoch {trainer.epoch}/{cfg.epochs}")
-    while trainer.epoch < cfg.epochs:
-        trainer.end_epoch(trainer.run_epoch())
-    final, unc = trainer.finish()
+    # process 0 alone logs to trackers; a resumed run continues the same tracker runs
+    trackers = open_trackers(cfg, run_dir, log) if ctx.is_main else Trackers([])
+    trainer = Trainer(cfg, model, loss_fn, splits, device, ctx=ctx, run_dir=run_dir, log=log,
+                      trackers=trackers)
+    try:
+        if saved is None:
+            trainer.initial = ctx.on_main(lambda: evaluate_model(model, splits, cfg, device)[0])
+        else:
+            trainer.restore(saved)
+            log(f"resumed {run_dir} after epoch {trainer.epoch}/{cfg.epochs}")
+        while trainer.epoch < cfg.epochs:
+            trainer.end_epoch(trainer.run_epoch())
+        final, unc = trainer.finish()
+    except BaseException as exc:
+        trackers.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     return TrainResult(run_dir, trainer.initial, final, unc)
 
 

@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 from idml.core.checkpoint import save_checkpoint
 from idml.core.config import RunConfig, as_dict
 from idml.core.io import write_json
-from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, RESUME_FILE, quiet
+from idml.core.rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    RESUME_FILE,
+    quiet,
+)
 from idml.core.runtime import autocast
 from idml.data.loader import make_train_loader
 from idml.data.splits import RetrievalSplits, labels_of
@@ -34,6 +42,10 @@ from idml.method.model import IntrospectiveNet
 from idml.training.distributed import Distributed
 from idml.training.factories import make_optimizer
 from idml.training.state import ResumeState, process_seeds, restore_rng, rng_state
+from idml.training.tracking import Trackers, flat_scalars
+
+#: The optimiser's parameter groups (``make_optimizer``), named for the trackers.
+LR_GROUPS = ("backbone", "semantic_head", "uncertainty_head", "proxies", "loss")
 
 
 class Trainer:
@@ -55,10 +67,12 @@ class Trainer:
         ctx: Distributed | None = None,
         run_dir: Path | None = None,
         log: Callable[[str], None] = quiet,
+        trackers: Trackers | None = None,
     ) -> None:
         self.cfg, self.model, self.loss_fn, self.splits = cfg, model, loss_fn, splits
         self.device, self.ctx = device, ctx or Distributed()
         self.run_dir, self.log = run_dir, log
+        self.trackers = trackers if trackers is not None else Trackers([])
         self.backbone_params = model.backbone_parameters()
         self.optimizer = make_optimizer(cfg, model, loss_fn, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -136,13 +150,18 @@ class Trainer:
 
     def run_epoch(self) -> dict[str, Any]:
         """Train epoch ``self.epoch + 1`` (warm-up epochs: heads and proxies only); returns
-        its record (loss, images/s, warm-up flag)."""
+        its record (loss, images/s, warm-up flag, and per step: the loss, the learning rates,
+        the step numbers, for the trackers)."""
         cfg, ctx = self.cfg, self.ctx
         warm = self.epoch < cfg.warmup_epochs
         for p in self.backbone_params:
             p.requires_grad_(not warm)
         self.model.train()
-        total, seen, start = 0.0, 0, time.perf_counter()
+        lrs = {name: g["lr"] for name, g in zip(LR_GROUPS, self.optimizer.param_groups,
+                                                strict=False)}
+        first_step = 1 + sum(len(h.get("step_loss", ())) for h in self.history)
+        total, seen, start, losses, rates = 0.0, 0, time.perf_counter(), [], []
+        last = start
         show = cfg.progress and ctx.is_main
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not show,
                    leave=False)
@@ -150,6 +169,10 @@ class Trainer:
             loss, count = self.train_step(images, labels)
             total += loss * count
             seen += count
+            losses.append(loss)
+            now = time.perf_counter()
+            rates.append(count / max(now - last, 1e-9))
+            last = now
             if show:
                 bar.set_postfix(loss=f"{float(total) / seen:.4f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
@@ -157,7 +180,10 @@ class Trainer:
         ctx.broadcast_buffers(self.model, self.loss_fn)  # trainable BN on CPU: process 0's
         self.epoch += 1
         return {"epoch": self.epoch, "loss": float(total) / max(seen, 1),
-                "images_per_s": seen / (time.perf_counter() - start), "warmup": warm}
+                "images_per_s": seen / (time.perf_counter() - start), "warmup": warm,
+                "first_step": first_step, "lr": lrs, "time_ms": int(time.time() * 1000),
+                "step_loss": torch.stack(losses).float().tolist() if losses else [],
+                "step_images_per_s": rates}
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         """Validate (if there is a validation split), log, and write ``last.pt``.
@@ -184,6 +210,7 @@ class Trainer:
         rng[0] = rng_state(self.loader, self.generators)  # after the evaluation, which draws
         if self.run_dir is not None:
             save_checkpoint(self.run_dir / RESUME_FILE, self.state(rng).to_payload())
+        self.trackers.log_epochs(self.history)  # after last.pt: see idml.training.tracking
 
     # --- resume --------------------------------------------------------------------------------
 
@@ -246,7 +273,17 @@ class Trainer:
         self.log(f"ambiguity check: AUROC of telling altered test images from clean ones by "
                  f"||u||^2 (0.5 = chance): 50/50 mixup {unc['mixup_auroc']:.3f}, CutMix (half "
                  f"the area from another image) {unc['cutmix_auroc']:.3f}")
+        self._finish_trackers(final, unc)
         return final, unc
+
+    def _finish_trackers(self, final: dict[str, float], unc: dict[str, Any]) -> None:
+        """The test metrics and uncertainty numbers at the last step, the run's files."""
+        files = [] if self.run_dir is None else [
+            self.run_dir / name for name in (CONFIG_FILE, METRICS_FILE, HISTORY_FILE, LOG_FILE)]
+        steps = sum(len(h.get("step_loss", ())) for h in self.history)
+        self.trackers.finish(
+            {**flat_scalars(final, "test"), **flat_scalars(unc, "test/uncertainty")}, steps,
+            files)
 
     def _write_results(self, final: dict[str, float], unc: dict[str, Any]) -> None:
         run_dir = self.run_dir
