@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from idml import __version__
@@ -19,6 +20,7 @@ from idml.core.config import (
     resolve_config,
 )
 from idml.core.errors import IdmlError
+from idml.core.outputs import check_output
 from idml.data.download import SOURCES
 from idml.data.registry import DATASETS
 from idml.method.designs import DESIGNS
@@ -150,12 +152,16 @@ def _add_artifact_parsers(sub: Any) -> None:
     exp.add_argument("--image-size", type=int, metavar="N",
                      help="input side length [the run's: its image size, 8 for digits]")
     exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset [the exporter's]")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out that idml did not write")
 
     rep = sub.add_parser(
         "report", help="write a self-contained HTML report of a run folder"
     )
     rep.add_argument("run_dir", help="run folder written by `idml train`")
     rep.add_argument("--out", metavar="FILE", help="HTML file to write [RUN_DIR/report.html]")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out that idml did not write")
     rep.add_argument("--device", default="cpu",
                      help="device for recomputing the embeddings: cpu, auto, cuda, ... [cpu]")
     rep.add_argument("--examples", type=int, default=8, metavar="N",
@@ -240,10 +246,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         default_image_size,
         example_input,
         export_model,
+        is_export_file,
         max_difference,
     )
     from idml.serving.trained import load_trained
 
+    check_output(args.out, inputs=[args.checkpoint], kind="a model export",
+                 is_own=is_export_file, overwrite=args.overwrite)
     trained = load_trained(args.checkpoint)
     model, cfg = trained.model, trained.config
     size = args.image_size or default_image_size(model, cfg)
@@ -260,11 +269,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from idml.serving.report import write_report
+    from idml.core.outputs import RUN_FILES
+    from idml.serving.report import is_report_file, write_report
 
     if args.suspicious < 0:
         raise ValueError(f"--suspicious must be >= 0, got {args.suspicious}")
-    path = write_report(args.run_dir, args.out, device=args.device, examples=args.examples,
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    check_output(out, inputs=[Path(args.run_dir) / name for name in RUN_FILES],
+                 kind="a report", is_own=is_report_file, overwrite=args.overwrite)
+    path = write_report(args.run_dir, out, device=args.device, examples=args.examples,
                         suspicious=args.suspicious)
     print(f"wrote {path}")
     return 0
@@ -280,12 +293,16 @@ def _add_retrieval_parsers(sub: Any) -> None:
     emb.add_argument("--split", choices=["train", "test", "query", "gallery"],
                      help="embed this split of the checkpoint's own data set instead of SOURCE")
     emb.add_argument("--out", required=True, metavar="FILE.npz", help="embeddings file to write")
+    emb.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out that idml did not write")
     emb.add_argument("--batch-size", type=int, metavar="N", help="[the run's eval batch size]")
     emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     idx = sub.add_parser("index", help="build a faiss index over an embeddings file")
     idx.add_argument("embeddings", help=".npz written by `idml embed`")
     idx.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write")
+    idx.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out that idml did not write")
     idx.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact",
                      help="exact (flat), ivf (k-means cells) or hnsw (graph) [exact]")
     idx.add_argument("--nlist", type=int, metavar="N", help="ivf: cells [about 4 sqrt(N)]")
@@ -312,10 +329,14 @@ def _add_retrieval_parsers(sub: Any) -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from idml.data.sources import read_source
     from idml.serving.embedder import embed_source, embed_split, load
-    from idml.serving.embeddings import save_embeddings
+    from idml.serving.embeddings import is_embeddings_file, save_embeddings
 
-    if (args.source is None) == (args.split is None):
+    if args.source is None and args.split is None:
+        raise IdmlError("nothing to embed: give SOURCE (a folder or CSV manifest) or --split")
+    if args.source is not None and args.split is not None:
         raise IdmlError("give either SOURCE (a folder or CSV manifest) or --split, not both")
+    check_output(args.out, inputs=[args.checkpoint, *([args.source] if args.source else [])],
+                 kind="an embeddings file", is_own=is_embeddings_file, overwrite=args.overwrite)
     embedder = load(args.checkpoint, device=args.device, batch_size=args.batch_size)
     if args.split is not None:
         emb = embed_split(embedder, args.split)
@@ -334,7 +355,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from idml.serving.embeddings import load_embeddings
-    from idml.serving.index import build_index, save_index
+    from idml.serving.index import build_index, is_index_folder, save_index
 
     ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
     if args.kind != "ivf" and any(v is not None for v in ivf):
@@ -346,6 +367,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         options["hnsw_m"] = args.hnsw_m
     if args.ef_search is not None:
         options["ef_search"] = args.ef_search
+    check_output(args.out, inputs=[args.embeddings], kind="an index folder",
+                 is_own=is_index_folder, overwrite=args.overwrite, folder=True)
     index = build_index(load_embeddings(args.embeddings), args.kind, **options)
     folder = save_index(index, args.out)
     params = ", ".join(f"{k}={v}" for k, v in index.params.items())

@@ -54,6 +54,11 @@ def new_run_dir(cfg: RunConfig) -> Path:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run folder {run_dir} is not empty; choose another out folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # the claim: of two runs racing for one folder, one creates config.yaml first
+        (run_dir / CONFIG_FILE).open("x").close()
+    except FileExistsError:
+        raise FileExistsError(f"run folder {run_dir} was just taken by another run; choose "
+                              "another out folder") from None
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(as_dict(cfg), sort_keys=False))
     return run_dir
 

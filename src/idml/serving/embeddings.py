@@ -88,6 +88,17 @@ class EmbeddingSet:
         return self
 
 
+def is_embeddings_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an embeddings file written by idml (the format marker of its
+    meta); anything unreadable is not."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            meta = json.loads(str(arrays["meta"]))
+    except Exception:  # not a zip, no meta, not JSON: not ours
+        return False
+    return isinstance(meta, dict) and meta.get("format") == EMBEDDINGS_FORMAT
+
+
 def save_embeddings(path: str | os.PathLike, embeddings: EmbeddingSet) -> Path:
     """Validate and write ``embeddings`` to ``path`` (``.npz``) atomically."""
     path = Path(path)

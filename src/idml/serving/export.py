@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,24 @@ def max_difference(model: IntrospectiveNet, path: str | Path, fmt: str,
         ref = [t.numpy() for t in net(images.float())]
     got = run(images)
     return float(max(np.abs(a - b).max() for a, b in zip(got, ref, strict=True)))
+
+
+def is_export_file(path: str | Path) -> bool:
+    """Whether ``path`` is a model written by :func:`export_model` (TorchScript with its
+    ``idml.json`` extra file, or ONNX with the ``idml.input_spec`` metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith(f"/extra/{TORCHSCRIPT_EXTRA}") for n in archive.namelist())
+    try:
+        import onnx
+
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # no onnx package, or not an ONNX file: not recognisably ours
+        return False
+    return any(p.key == METADATA_KEY for p in proto.metadata_props)
 
 
 def export_model(

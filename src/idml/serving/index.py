@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from idml import __version__
 from idml.core.errors import IdmlError
-from idml.core.io import atomic_path, atomic_write, atomic_write_text, sha256_file
+from idml.core.io import atomic_write, atomic_write_text, sha256_file
 from idml.serving.embeddings import EmbeddingSet
 
 INDEX_FORMAT = "idml-index"
@@ -159,12 +161,55 @@ def _hnsw_index(dim: int, m: int, ef_construction: int,
     return index, {"m": m, "ef_construction": ef_construction, "ef_search": ef_search}
 
 
+def is_index_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an index folder written by idml (only its three files, and the
+    format marker in its meta) or an empty folder: what :func:`save_index` may replace."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        return True
+    if not names <= {INDEX_FILE, ARRAYS_FILE, META_FILE}:
+        return False
+    try:
+        return json.loads((folder / META_FILE).read_text()).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
-    """Write ``index`` into ``directory`` (created): index.faiss, embeddings.npz, meta.json."""
+    """Write ``index`` into ``directory``: index.faiss, embeddings.npz, meta.json.
+
+    The folder is written whole beside its place and renamed into it, so readers see the
+    old index or the new one, never a mix; an interrupted write leaves no temporary folder.
+    """
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / INDEX_FILE) as tmp:
-        faiss.write_index(index.index, str(tmp))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        _write_index_files(index, tmp)
+        _swap_into(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    index.location = str(folder)
+    return folder
+
+
+def _swap_into(tmp: Path, folder: Path) -> None:
+    """Rename the complete ``tmp`` onto ``folder`` (an earlier one is moved aside first)."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_index_files(index: RetrievalIndex, folder: Path) -> None:
+    faiss.write_index(index.index, str(folder / INDEX_FILE))
     atomic_write(folder / ARRAYS_FILE, lambda fh: np.savez(
         fh, semantic=index.semantic, uncertainty=index.uncertainty))
     meta = {
@@ -182,8 +227,6 @@ def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
         "sha256": {name: sha256_file(folder / name) for name in (INDEX_FILE, ARRAYS_FILE)},
     }
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
-    index.location = str(folder)
-    return folder
 
 
 #: What every index meta file must hold.

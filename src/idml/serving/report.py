@@ -622,6 +622,7 @@ Recall@1 of all queries {_e(_pct(acc))} %. Lower curves and AURC are better.</p>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="generator" content="{GENERATOR}">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
@@ -633,6 +634,20 @@ Recall@1 of all queries {_e(_pct(acc))} %. Lower curves and AURC are better.</p>
 </body>
 </html>
 """
+
+
+#: The marker of a report page (what ``idml report`` may replace without ``--overwrite``).
+GENERATOR = "idml report"
+
+
+def is_report_file(path: str | Path) -> bool:
+    """Whether ``path`` is a report page written by :func:`write_report`."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
 
 
 def write_report(
