@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,7 @@ class RunConfig:
         The data set and loss names are checked against their registries where they are
         used (:func:`idml.training.factories.check_config`).
         """
+        _check_types(self)
         choices = {
             "metric": METRICS, "precision": PRECISIONS, "ism_beta": BETA_VARIANTS,
         }
@@ -168,6 +172,35 @@ def default_preset(dataset: str | None) -> str:
     return DATASET_PRESETS.get(dataset, "cpu")
 
 
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is float:  # an int is a float here; a bool is neither
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Every field against its annotation (optional and list fields too); finite numbers."""
+    for name, hint in typing.get_type_hints(RunConfig).items():
+        value = getattr(cfg, name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is list:
+            inner = typing.get_args(hint)[0]
+            ok = isinstance(value, list) and all(_is_a(v, inner) for v in value)
+            kind = f"a list of {inner.__name__}"
+        else:
+            ok, kind = _is_a(value, hint), hint.__name__
+        if not ok:
+            raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a YAML value against the field's type; lists and None pass through."""
     default = getattr(RunConfig(), name)
@@ -188,15 +221,38 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+#: The largest config file read (a config is a few hundred bytes).
+MAX_YAML_BYTES = 1 << 20
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content, read safely: no Python objects (``safe_load``), at most
+    :data:`MAX_YAML_BYTES`, and no aliases (``*name``): a config needs none, and a few
+    hundred bytes of nested aliases expand exponentially when the config is copied."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_YAML_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from exc
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"config file {path}, line {event.start_mark.line + 1}: YAML "
+                                  "aliases (*name) are not allowed in a config")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; errors name the file and the offending key."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from idml.core.checkpoint import load_checkpoint
-from idml.core.config import RunConfig, config_from_dict
+from idml.core.config import RunConfig, as_dict, config_from_dict, read_yaml
 from idml.core.errors import ConfigError
 from idml.core.rundir import CONFIG_FILE, LOG_FILE, RESUME_FILE, RunLog, new_run_dir, quiet
 from idml.core.runtime import seed_everything, select_device
@@ -106,6 +105,7 @@ def _prepare(
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         saved = ResumeState.from_payload(load_checkpoint(run_dir / RESUME_FILE,
                                                          map_location="cpu"))
+        check_resumable(cfg, saved, run_dir)
         log = RunLog(run_dir / LOG_FILE) if ctx.is_main else quiet
         return run_dir, saved, log, ctx.main_first(lambda: build(cfg, device, log))
     run_dir = ctx.on_main(lambda: new_run_dir(cfg))
@@ -132,6 +132,24 @@ def _describe(cfg: RunConfig, ctx: Distributed, device: torch.device, run_dir: P
             f"{splits.num_train_classes} classes; {sizes} images{procs}")
 
 
+#: Fields a resumed run may change: where and how it runs, not what it trains.
+RESUME_MAY_DIFFER = ("device", "num_workers", "progress", "log", "mlflow_uri",
+                     "eval_batch_size", "out")
+
+
+def check_resumable(cfg: RunConfig, saved: ResumeState, run_dir: Path) -> None:
+    """Refuse a ``config.yaml`` edited since the run started in a field that shapes the
+    model, the data or the training, naming each such field."""
+    before = as_dict(config_from_dict(saved.config, source=str(run_dir / RESUME_FILE)))
+    changed = [f"{k} ({before[k]!r} -> {v!r})" for k, v in as_dict(cfg).items()
+               if k not in RESUME_MAY_DIFFER and before.get(k) != v]
+    if changed:
+        raise ConfigError(f"resume={str(run_dir)!r}: {run_dir / CONFIG_FILE} differs from the "
+                          f"config the run was started with in {', '.join(changed)}; undo the "
+                          "edit, or start a new run (only device, num_workers, progress, log, "
+                          "mlflow_uri and eval_batch_size may change)")
+
+
 def resume_config(run_dir: str | Path) -> RunConfig:
     """The resolved config of an interrupted run (its ``config.yaml``)."""
     run_dir = Path(run_dir)
@@ -140,8 +158,7 @@ def resume_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"resume={str(run_dir)!r}: no {RESUME_FILE} there (nothing to resume; "
                           "a run writes it at the end of every epoch and removes it when it "
                           "finishes)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"resume={str(run_dir)!r}: cannot read {path}: {exc}") from exc
+    values = read_yaml(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"resume={str(run_dir)!r}: {path} does not hold a config mapping")
     return config_from_dict(values, source=str(path))
