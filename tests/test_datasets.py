@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,16 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 
 
 def write_image(path, mode="RGB", size=(12, 10), fmt=None):
+    """A solid image whose first row encodes its path, so no two files are identical (a
+    duplicate within a split is an error, idml.data.duplicates)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     color = {"RGB": (200, 30, 60), "L": 128, "1": 1, "P": 3, "RGBA": (1, 2, 3, 128)}[mode]
-    Image.new(mode, size, color).save(path, format=fmt)
+    other = {"RGB": (0, 0, 0), "L": 0, "1": 0, "P": 0, "RGBA": (0, 0, 0, 255)}[mode]
+    img = Image.new(mode, size, color)
+    code, pixels = zlib.crc32(str(path).encode()), img.load()
+    for x in range(min(size[0], 32)):
+        pixels[x, 0] = color if code >> x & 1 else other
+    img.save(path, format=fmt)
     return path
 
 

@@ -39,6 +39,7 @@ class RunConfig:
     image_size: int = 224  # image data sets: train crop / test centre crop
     cache_images: bool = True  # decode images once into a (persisted) uint8 cache
     skip_bad_images: bool = False  # drop unreadable images (reported) instead of stopping
+    allow_duplicates: bool = False  # keep the first of identical images in a split, not stop
     m_per_class: int = 0  # >0: class-balanced batches of m images per class
     # model
     backbone: str = "digits_cnn"
@@ -156,8 +157,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                "eval_ks": [1, 10, 20, 30, 40, 50]},
     "cpu": {**_CPU, "dataset": "folder"},
     # Data roots come from --data-root or $IDML_DATA_ROOT (idml.data.registry), never a preset.
-    "flowers-cpu": {**_CPU, "dataset": "flowers102"},
-    "omniglot-cpu": {**_CPU, "dataset": "omniglot", "image_size": 64},
+    # The official releases hold byte-identical images: Flowers-102 4 pairs (e.g. 031.carnation
+    # image_08067 and image_08077; 3 in the test classes), Omniglot 1 (images_background
+    # .../character01/0192_03.png and 0192_19.png). The first of each is kept
+    # (idml.data.duplicates); the results in BENCHMARKS.md before issue 12 include them.
+    "flowers-cpu": {**_CPU, "dataset": "flowers102", "allow_duplicates": True},
+    "omniglot-cpu": {**_CPU, "dataset": "omniglot", "image_size": 64, "allow_duplicates": True},
 }
 #: The preset a bare ``--dataset NAME`` starts from.
 DATASET_PRESETS = {"digits": "digits", "cub": "cub", "cars": "cars", "sop": "sop",

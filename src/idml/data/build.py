@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from idml.core.config import RunConfig
 from idml.data.cache import cache_root
 from idml.data.digits import load_digits_splits
+from idml.data.duplicates import drop_duplicates, shared_images
 from idml.data.images import CachedImageDataset, ImageDataset, cache_images, validate_images
 from idml.data.records import DatasetError, Records
 from idml.data.registry import get_dataset, read_dataset, resolve_root
@@ -41,6 +42,19 @@ def _validated(
     return checked
 
 
+def _unique(parts: dict[str, Records], allow: bool, where: str,
+            log: Callable[[str], None]) -> dict[str, Records]:
+    """Each split without duplicates (see :func:`~idml.data.duplicates.drop_duplicates`)."""
+    parts = {part: drop_duplicates(records, part, where, allow, log)
+             for part, records in parts.items()}
+    if "train" in parts and "test" in parts:
+        shared = shared_images(parts["train"], parts["test"])
+        if shared:
+            log(f"{shared} test image(s) of {where} are identical to a training image "
+                "(kept; they are not unseen)")
+    return parts
+
+
 def load_image_splits(
     name: str,
     root: str | None,
@@ -53,6 +67,7 @@ def load_image_splits(
     augment: bool = True,
     cache: bool = True,
     skip_bad_images: bool = False,
+    allow_duplicates: bool = False,
     log: Callable[[str], None] = print,
 ) -> RetrievalSplits:
     """Read an image data set from disk, check every image, and build the split data sets.
@@ -63,11 +78,14 @@ def load_image_splits(
     ``skip_bad_images`` it is dropped and counted. With ``cache`` images are decoded once,
     downscaled to the short side the test transform needs, and kept (and persisted under the
     idml cache folder) as uint8 tensors: the paper's transforms then run on small tensors
-    instead of full JPEG decodes every epoch.
+    instead of full JPEG decodes every epoch. An image listed twice in a split (the same file
+    or the same bytes) stops the run naming both, or with ``allow_duplicates`` is kept once
+    (:mod:`idml.data.duplicates`); images shared by train and test are counted in the log.
     """
     data_root, csv = resolve_root(name, root, csv)
     parts = read_dataset(name, data_root, train_classes=train_classes, csv=csv).parts()
     parts = _validated(parts, skip_bad_images, str(data_root), log)
+    parts = _unique(parts, allow_duplicates, str(data_root), log)
 
     short_side = round(image_size / test_crop_fraction(input_spec))
 
@@ -121,5 +139,6 @@ def _clean_splits(
         augment=cfg.augment,
         cache=cfg.cache_images,
         skip_bad_images=cfg.skip_bad_images,
+        allow_duplicates=cfg.allow_duplicates,
         log=log,
     )
