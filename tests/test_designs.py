@@ -388,4 +388,6 @@ def test_suspicious_lists_a_runs_training_images(tmp_path, capsys):
                  "--by", "uncertainty"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["score"] for r in rows] == sorted((r["uncertainty"] for r in rows), reverse=True)
-    assert main(["suspicious", str(out / "checkpoint.pt"), "--top", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: --top must be at least 1
+        main(["suspicious", str(out / "checkpoint.pt"), "--top", "0"])
+    assert exit_.value.code == 2

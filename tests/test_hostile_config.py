@@ -109,3 +109,90 @@ def test_embed_without_a_source_says_what_is_missing(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     _fails(["embed", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e.npz")], capsys,
            "nothing to embed")
+
+
+# --- hostile data and flags ------------------------------------------------------------------
+
+
+def _png(path: Path, seed: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (10, 10, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def test_a_latin1_manifest_names_the_file_and_line(tmp_path: Path) -> None:
+    from idml.data.records import DatasetError
+    from idml.data.registry import read_dataset
+
+    _png(tmp_path / "a.png", 0)
+    manifest = tmp_path / "data.csv"
+    manifest.write_bytes("path,label\na.png,rose\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"{manifest}:3: not UTF-8 \(byte 0xe9 at column 10"):
+        read_dataset("csv", manifest)
+
+
+def test_a_repeated_header_column_is_named(tmp_path: Path) -> None:
+    from idml.data.records import DatasetError
+    from idml.data.registry import read_dataset
+
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("path,label,label\na.png,x,y\n")
+    with pytest.raises(DatasetError, match="header repeats column\\(s\\) label"):
+        read_dataset("csv", manifest)
+
+
+def test_a_file_name_that_is_not_utf8_loads(tmp_path: Path) -> None:
+    """Any name the OS allows: the decoded-image cache keys on the name's bytes."""
+    import os
+
+    from idml.data.build import load_image_splits
+    from idml.method.backbones import IMAGENET_SPEC
+
+    root = tmp_path / "images"
+    odd = root / "a" / os.fsdecode(b"caf\xe9.png")
+    _png(odd, 0)
+    for i, cls in enumerate(["a", "b", "c", "d"]):
+        _png(root / cls / f"{i}.png", i + 1)
+        _png(root / cls / f"{i}x.png", i + 10)
+    splits = load_image_splits("folder", str(root), input_spec=IMAGENET_SPEC, image_size=8,
+                               log=lambda _m: None)
+    assert odd in splits.train.paths and len(splits.train) == 5
+
+
+@pytest.mark.parametrize("argv", [
+    ["embed", "ckpt.pt", "--split", "test", "--out", "e.npz", "--batch-size", "0"],
+    ["search", "idx", "q.png", "--checkpoint", "ckpt.pt", "-k", "0"],
+    ["export", "ckpt.pt", "--format", "onnx", "--out", "m.onnx", "--image-size", "0"],
+])
+def test_zero_sizes_are_refused_not_taken_as_the_default(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_index_meta_whose_sha256_is_a_string_is_refused(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from idml.serving.embeddings import EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION, EmbeddingSet
+    from idml.serving.index import IndexFormatError, build_index, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    semantic = rng.standard_normal((6, 4)).astype("float32")
+    semantic /= np.linalg.norm(semantic, axis=1, keepdims=True)
+    emb = EmbeddingSet(semantic, rng.standard_normal((6, 2)).astype("float32"),
+                       np.array([f"{i}.png" for i in range(6)]), np.arange(6),
+                       {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION,
+                        "semantic_dim": 4, "uncertainty_dim": 2, "fingerprint": "f"})
+    folder = save_index(build_index(emb, "exact"), tmp_path / "idx")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "sha256": "deadbeef"}))
+    with pytest.raises(IndexFormatError, match="sha256 must map file names"):
+        load_index(folder)

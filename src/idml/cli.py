@@ -51,6 +51,18 @@ _HELP: dict[str, str] = {
 }
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 is not "the default": leave the flag out)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the flag "
+                                         "out for the default)")
+    return value
+
+
 def _comma_list(text: str) -> list[str]:
     """``a,b`` -> ``["a", "b"]`` (``--log tensorboard,mlflow``; an empty string: none)."""
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -120,7 +132,7 @@ def _add_training_parsers(sub: Any) -> None:
     sus = sub.add_parser("suspicious", help="list a run's training images whose label is most "
                                              "likely wrong")
     sus.add_argument("checkpoint", help="checkpoint.pt written by `idml train`")
-    sus.add_argument("--top", type=int, default=20, help="how many to list [20]")
+    sus.add_argument("--top", type=_positive_int, default=20, help="how many to list [20]")
     sus.add_argument("--by", default="knn_disagreement",
                      choices=("knn_disagreement", "centroid_distance", "uncertainty"),
                      help="ranking score [knn_disagreement: the one that finds flipped labels; "
@@ -149,7 +161,7 @@ def _add_artifact_parsers(sub: Any) -> None:
                      help="onnx (input 'images', outputs 'semantic', 'uncertainty') or "
                           "torchscript (traced; returns (semantic, uncertainty))")
     exp.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    exp.add_argument("--image-size", type=int, metavar="N",
+    exp.add_argument("--image-size", type=_positive_int, metavar="N",
                      help="input side length [the run's: its image size, 8 for digits]")
     exp.add_argument("--opset", type=int, metavar="N", help="ONNX opset [the exporter's]")
     exp.add_argument("--overwrite", action="store_true",
@@ -164,7 +176,7 @@ def _add_artifact_parsers(sub: Any) -> None:
                      help="replace an existing --out that idml did not write")
     rep.add_argument("--device", default="cpu",
                      help="device for recomputing the embeddings: cpu, auto, cuda, ... [cpu]")
-    rep.add_argument("--examples", type=int, default=8, metavar="N",
+    rep.add_argument("--examples", type=_positive_int, default=8, metavar="N",
                      help="retrieval examples and most/least uncertain thumbnails shown [8]")
     rep.add_argument("--suspicious", type=int, default=0, metavar="N",
                      help="also list the N training images whose label is most likely wrong "
@@ -189,8 +201,6 @@ def _cmd_suspicious(args: argparse.Namespace) -> int:
 
     from idml.serving.trained import suspicious_training_images
 
-    if args.top < 1:
-        raise ValueError(f"--top must be >= 1, got {args.top}")
     suspects = suspicious_training_images(args.checkpoint, args.top, args.device, args.by)
     if args.json:
         print(json.dumps([dataclasses.asdict(x) for x in suspects], indent=2))
@@ -295,7 +305,8 @@ def _add_retrieval_parsers(sub: Any) -> None:
     emb.add_argument("--out", required=True, metavar="FILE.npz", help="embeddings file to write")
     emb.add_argument("--overwrite", action="store_true",
                      help="replace an existing --out that idml did not write")
-    emb.add_argument("--batch-size", type=int, metavar="N", help="[the run's eval batch size]")
+    emb.add_argument("--batch-size", type=_positive_int, metavar="N",
+                     help="[the run's eval batch size]")
     emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     idx = sub.add_parser("index", help="build a faiss index over an embeddings file")
@@ -305,24 +316,27 @@ def _add_retrieval_parsers(sub: Any) -> None:
                      help="replace an existing --out that idml did not write")
     idx.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact",
                      help="exact (flat), ivf (k-means cells) or hnsw (graph) [exact]")
-    idx.add_argument("--nlist", type=int, metavar="N", help="ivf: cells [about 4 sqrt(N)]")
-    idx.add_argument("--nprobe", type=int, metavar="N",
+    idx.add_argument("--nlist", type=_positive_int, metavar="N",
+                     help="ivf: cells [about 4 sqrt(N)]")
+    idx.add_argument("--nprobe", type=_positive_int, metavar="N",
                      help="ivf: cells searched per query [nlist/4, at least 8]")
-    idx.add_argument("--hnsw-m", type=int, metavar="M", help="hnsw: links per node [32]")
-    idx.add_argument("--ef-search", type=int, metavar="N", help="hnsw: search beam width [128]")
+    idx.add_argument("--hnsw-m", type=_positive_int, metavar="M", help="hnsw: links per node [32]")
+    idx.add_argument("--ef-search", type=_positive_int, metavar="N",
+                     help="hnsw: search beam width [128]")
 
     sea = sub.add_parser("search", help="search an index with query images")
     sea.add_argument("index", help="folder written by `idml index`")
     sea.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders")
     sea.add_argument("--checkpoint", required=True,
                      help="the checkpoint that embedded the indexed images")
-    sea.add_argument("-k", type=int, default=10, help="results per query [10]")
+    sea.add_argument("-k", type=_positive_int, default=10, help="results per query [10]")
     sea.add_argument("--rerank", choices=["none", "introspective"], default="none",
                      help="introspective: re-order a faiss shortlist by the ISM [none]")
-    sea.add_argument("--shortlist", type=int, default=100, metavar="N",
+    sea.add_argument("--shortlist", type=_positive_int, default=100, metavar="N",
                      help="candidates re-ranked with --rerank introspective [100]")
     sea.add_argument("--json", action="store_true", help="print the results as JSON")
-    sea.add_argument("--batch-size", type=int, metavar="N", help="[the run's eval batch size]")
+    sea.add_argument("--batch-size", type=_positive_int, metavar="N",
+                     help="[the run's eval batch size]")
     sea.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 

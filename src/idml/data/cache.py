@@ -29,7 +29,9 @@ def fingerprint(paths: Sequence[Path], *extra: object) -> str:
     digest = hashlib.sha256(repr(extra).encode())
     for p in paths:
         st = os.stat(p)
-        digest.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # os.fsencode: a file name that is not valid UTF-8 is still a key (its own bytes)
+        digest.update(os.fsencode(os.path.abspath(p)))
+        digest.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

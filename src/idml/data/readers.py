@@ -13,6 +13,7 @@ was expected: a data set is never silently smaller than what its metadata lists.
 from __future__ import annotations
 
 import csv as csv_module
+import io
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from idml.data.records import (
     is_image,
     manifest_path,
     ordered_labels,
+    read_text_file,
     subfolders,
 )
 
@@ -531,9 +533,12 @@ def _manifest_of(root: Path, csv: str | Path | None) -> Path:
 
 def _read_manifest(manifest: Path) -> tuple[list[_Row], bool]:
     """The rows of a ``path,label[,split]`` manifest and whether it has the split column."""
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text_file(manifest), newline="") as f:
         reader = csv_module.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
+        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"{manifest}:1: header repeats column(s) {', '.join(repeated)}")
         missing = [c for c in ("path", "label") if c not in columns]
         if missing:
             raise DatasetError(

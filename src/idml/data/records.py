@@ -4,6 +4,7 @@ only a wrapper, in which order labels get their ids and where a manifest's paths
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,9 @@ def descend_wrapper(folder: Path) -> Path:
     return folder
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def ordered_labels(labels: Iterable[str]) -> list[str]:
     """The distinct labels in id order: numeric when all are integers, else as strings.
 
@@ -96,10 +100,23 @@ def ordered_labels(labels: Iterable[str]) -> list[str]:
     depends on set iteration order (string hashing varies with ``PYTHONHASHSEED``).
     """
     unique = set(labels)
-    try:
+    # ASCII integers only: Python's int() also takes "1_0", " 1" and other scripts' digits
+    if all(_INTEGER.fullmatch(s) for s in unique):
         return sorted(unique, key=lambda s: (int(s), s))
-    except ValueError:
-        return sorted(unique)
+    return sorted(unique)
+
+
+def read_text_file(path: Path) -> str:
+    """A manifest's text (UTF-8, a byte-order mark dropped); other encodings get an error
+    naming the file and the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column "
+                           f"{column}); save the file as UTF-8") from None
 
 
 def manifest_path(manifest: Path, text: str) -> Path:

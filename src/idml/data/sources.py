@@ -8,6 +8,7 @@ descent, the same label order. Unlike a data set, a source may be unlabelled (la
 from __future__ import annotations
 
 import csv as csv_module
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from idml.data.records import (
     is_image,
     manifest_path,
     ordered_labels,
+    read_text_file,
 )
 from idml.data.registry import read_dataset
 
@@ -83,9 +85,12 @@ def folder_source(folder: str | os.PathLike) -> Source:
 
 def _manifest_rows(manifest: Path) -> list[tuple[str, str]]:
     """``(path, label)`` of each row; the label is ``""`` where absent."""
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(read_text_file(manifest), newline="") as fh:
         reader = csv_module.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
+        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"{manifest}:1: header repeats column(s) {', '.join(repeated)}")
         if "path" not in columns:
             raise DatasetError(f"{manifest}:1: header lacks a 'path' column; expected "
                                f"'path,label', got {','.join(columns) or 'an empty file'!r}")

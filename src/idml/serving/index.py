@@ -286,8 +286,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise IndexFormatError(f"{meta_path} lacks {', '.join(missing)}")
     if meta["kind"] not in KINDS:
         raise IndexFormatError(f"{meta_path}: unknown index kind {meta['kind']!r}")
+    if not isinstance(meta["sha256"], dict):
+        raise IndexFormatError(f"{meta_path}: field sha256 must map file names to digests, "
+                               f"got {type(meta['sha256']).__name__}")
     for name in (INDEX_FILE, ARRAYS_FILE):
-        expected = (meta["sha256"] or {}).get(name)
+        expected = meta["sha256"].get(name)
         if expected is not None and sha256_file(folder / name) != expected:
             raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "
                                    f"differs from the one recorded in {meta_path}")
