@@ -114,3 +114,53 @@ def test_labels_that_tie_as_integers_order_the_same_in_every_process(
     assert len(outs) == 1
     assert outs.pop().strip() == str({0: "01", 1: "1", 2: "2", 3: "03", 4: "3", 5: "010",
                                       6: "10"})
+
+
+# --- idml data check: near-duplicates by a perceptual hash ------------------------------------
+
+
+def test_near_duplicate_pairs_equal_a_brute_force_search() -> None:
+    from idml.data.check import near_duplicates
+
+    rng = np.random.default_rng(0)
+    base = [int(x) for x in rng.integers(0, 2**63, 40, dtype=np.int64)]
+    hashes = base + [h ^ (1 << int(b)) ^ (1 << int(c)) for h, b, c in
+                     zip(base[:10], rng.integers(0, 64, 10), rng.integers(0, 64, 10),
+                         strict=True)]
+    want = sorted((i, j, (hashes[i] ^ hashes[j]).bit_count())
+                  for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+                  if (hashes[i] ^ hashes[j]).bit_count() <= 4)
+    assert near_duplicates(hashes, 4) == want and len(want) >= 10
+
+
+def test_difference_hash_finds_a_resized_reencoded_copy(tmp_path: Path) -> None:
+    from idml.data.check import difference_hash
+
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(rng.integers(-8, 9, (64, 96, 3)), axis=1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.png")
+    Image.fromarray(smooth).resize((48, 32)).save(tmp_path / "copy.jpg", quality=80)
+    _image(tmp_path / "other.png", 9)
+    a, copy, other = (difference_hash(tmp_path / n) for n in ("a.png", "copy.jpg", "other.png"))
+    assert (a ^ copy).bit_count() <= 4 < (a ^ other).bit_count()
+
+
+def test_data_check_reports_every_kind(tmp_path: Path, images: list[str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from idml import cli
+
+    (tmp_path / "again.png").write_bytes((tmp_path / images[2]).read_bytes())
+    big = np.asarray(Image.open(tmp_path / images[3]))
+    Image.fromarray(big).resize((24, 24)).save(tmp_path / "bigger.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [(images[0], "a", "train"), (images[1], "b", "train"), (images[2], "c", "test"),
+            ("again.png", "c", "test"), (images[3], "d", "test"), ("bigger.png", "d", "test"),
+            ("broken.png", "d", "test")]
+    manifest = _csv_dataset(tmp_path, rows)
+    assert cli.main(["data", "check", "csv", "--csv", str(manifest)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["train", "2", "2", "0", "0", "0"]
+    assert out[2].split() == ["test", "5", "2", "1", "1", "1"]
+    text = "\n".join(out)
+    assert "identical" in text and "again.png" in text and "bigger.png" in text
+    assert "unreadable" in text and "broken.png" in text

@@ -149,6 +149,15 @@ def _add_training_parsers(sub: Any) -> None:
     dl.add_argument("--root", required=True, help="folder to download and unpack into")
     dl.add_argument("--base-url", help="mirror folder holding the archives under their names")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")
+    chk = data_sub.add_parser(
+        "check", help="images, classes, unreadable files, duplicates and near-duplicates "
+                      "of a data set (report only)")
+    chk.add_argument("name", choices=sorted(n for n, d in DATASETS.items() if d.reader),
+                     help="data set")
+    chk.add_argument("--data-root", help="its folder [$IDML_DATA_ROOT/<its usual name>]")
+    chk.add_argument("--csv", help="manifest (csv data sets)")
+    chk.add_argument("--near-bits", type=_positive_int, default=4, metavar="N",
+                     help="near-duplicate: difference hashes at most N of 64 bits apart [4]")
 
 
 def _add_artifact_parsers(sub: Any) -> None:
@@ -241,6 +250,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from idml.data.download import download_dataset
+
+    if args.data_command == "check":
+        from idml.data.check import check_dataset, format_check
+
+        checks, shared = check_dataset(args.name, args.data_root, args.csv, args.near_bits)
+        print(format_check(checks, shared, args.near_bits))
+        return 0
 
     folder = download_dataset(
         args.name, args.root, base_url=args.base_url, progress=not args.no_progress
