@@ -164,3 +164,18 @@ def test_data_check_reports_every_kind(tmp_path: Path, images: list[str],
     text = "\n".join(out)
     assert "identical" in text and "again.png" in text and "bigger.png" in text
     assert "unreadable" in text and "broken.png" in text
+
+
+def test_a_cub_copy_listing_one_image_under_two_ids_is_refused(tmp_path: Path) -> None:
+    from test_datasets import make_cub
+
+    root = make_cub(tmp_path, classes=(3, 99, 101, 150), per_class=2)
+    images = (root / "images.txt").read_text().splitlines()
+    first_test = next(line for line in images if "bird_101" in line).split()[1]
+    n = len(images) + 1
+    (root / "images.txt").write_text("\n".join([*images, f"{n} {first_test}"]) + "\n")
+    labels = (root / "image_class_labels.txt").read_text()
+    (root / "image_class_labels.txt").write_text(labels + f"{n} 101\n")
+    with pytest.raises(DatasetError, match="test split .* same image twice.*the same file"):
+        load_image_splits("cub", str(root), input_spec=IMAGENET_SPEC, image_size=8,
+                          cache=False, log=lambda _m: None)

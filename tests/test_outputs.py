@@ -148,3 +148,39 @@ def test_two_runs_cannot_claim_one_folder(tmp_path: Path,
         new_run_dir(RunConfig(out=str(out)))
     monkeypatch.undo()
     assert (out / "config.yaml").read_text() == "claimed by the other run\n"
+
+
+def test_disk_full_names_the_file_and_keeps_the_previous_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from idml.core import io as idml_io
+
+    target = tmp_path / "metrics.json"
+    idml_io.write_json(target, {"version": 1})
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(idml_io.os, "fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device"):
+        idml_io.write_json(target, {"version": 2})
+    monkeypatch.undo()
+    assert idml_io.json.loads(target.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file
+
+
+def test_ctrl_c_mid_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    from idml.core.io import atomic_write
+
+    target = tmp_path / "emb.npz"
+    target.write_bytes(b"old")
+
+    def interrupted(fh):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["emb.npz"]

@@ -343,11 +343,17 @@ def test_report_of_a_class_folder_run_shows_the_files(
             path = tmp_path / "data" / name / f"img_{k}.png"
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
             files.append((c, path))
+    # a test image that is also a training image (by bytes): counted in the report
+    (tmp_path / "data" / "004.d" / "copy_of_a.png").write_bytes(files[0][1].read_bytes())
+    files.append((3, tmp_path / "data" / "004.d" / "copy_of_a.png"))
     out = tmp_path / "run"
     assert cli.main(["train", "--dataset", "folder", "--data-root", str(tmp_path / "data"),
                      "--out", str(out), *TINY]) == 0
     assert cli.main(["report", str(out), "--examples", "2"]) == 0
-    doc = parse((out / "report.html").read_text(encoding="utf-8"))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<span id="overlap">1 test image(s) identical to a training image' in page
+    assert "1 test image(s)" in (out / "train.log").read_text()
+    doc = parse(page)
     sources = [np.asarray(Image.open(p).convert("RGB")) for _, p in files]
     thumbs = doc.find("figure", class_="thumb")
     assert len(thumbs) == 4

@@ -19,7 +19,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The body writes the temporary file by name (any library that takes a path). It is
     fsynced, given the permissions a plain ``open`` would give, then renamed over ``path`` in
     one step, so readers see the old file or the whole new one, never a part. On any error
-    (Ctrl-C included) the temporary file is removed and ``path`` is untouched.
+    (Ctrl-C included) the temporary file is removed and ``path`` is untouched; an OS error
+    (disk full, permission) is raised again naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None or str(path) in str(exc):
+            raise
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

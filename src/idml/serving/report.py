@@ -38,6 +38,9 @@ from idml.core.io import atomic_write_text
 from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, check_finished, quiet
 from idml.core.runtime import select_device
 from idml.data.build import splits_from_config
+from idml.data.duplicates import shared_images
+from idml.data.records import Records
+from idml.data.splits import paths_of
 from idml.evaluation.evaluator import compute_embeddings
 from idml.evaluation.uncertainty import query_correct, risk_coverage, semantic_confidence
 from idml.method.metric import uncertainty_score
@@ -101,6 +104,7 @@ class ReportData:
     query_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     reference_thumbs: dict[int, Image.Image] = field(default_factory=dict)
     leave_one_out: bool = True
+    overlap: int | None = None  # test images identical to a training image (None: no files)
     suspects: list[Suspect] = field(default_factory=list)  # training images, most suspect first
     suspect_thumbs: dict[int, Image.Image] = field(default_factory=dict)
 
@@ -221,12 +225,16 @@ def collect_report_data(
     reference_thumbs = _reference_thumbnails(found, query_thumbs, queries, reference,
                                              model.input_spec)
     suspects, suspect_thumbs = _suspects(trained, suspicious, device)
+    train_paths, test_paths = paths_of(splits.train), paths_of(queries)
     return ReportData(
         run_dir=run_dir, config=as_dict(cfg), metrics=metrics, history=history,
         query_labels=labels.cpu().numpy(), scores=scores, correct=correct_np, curves=curves,
         most_uncertain=most, least_uncertain=least, examples=found,
         query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
         leave_one_out=reference is None, suspects=suspects, suspect_thumbs=suspect_thumbs,
+        overlap=None if train_paths is None or test_paths is None else shared_images(
+            Records(train_paths, [0] * len(train_paths)),
+            Records(test_paths, [0] * len(test_paths))),
     )
 
 
@@ -597,9 +605,12 @@ def build_html(data: ReportData, figures: dict[str, str | None]) -> str:
     training = (_img(figures["training"], "training curves", "plot")
                 if figures.get("training") else '<p class="note">no epochs recorded</p>')
     config_yaml = yaml.safe_dump(cfg, sort_keys=False)
+    overlap = "" if data.overlap is None else (
+        f'<br><span id="overlap">{data.overlap} test image(s) identical to a training image'
+        "</span>")
     body = f"""
 <h1>{_e(title)}</h1>
-<p>{_e(summary)}<br><span class="note">run folder {_e(data.run_dir)}</span></p>
+<p>{_e(summary)}<br><span class="note">run folder {_e(data.run_dir)}{overlap}</span></p>
 <h2 id="metrics">Test metrics</h2>
 {metrics_table(data.metrics)}
 <h2 id="training">Training</h2>
