@@ -14,7 +14,7 @@ from PIL import Image
 
 from idml.data.build import load_image_splits
 from idml.data.duplicates import duplicate_groups, shared_images
-from idml.data.records import DatasetError, Records
+from idml.data.records import DatasetError
 from idml.method.backbones import IMAGENET_SPEC
 
 
@@ -92,9 +92,8 @@ def test_images_shared_by_train_and_test_are_counted(tmp_path: Path,
     _load(_csv_dataset(tmp_path, rows), log=lines.append)
     assert any("1 test image(s)" in line and "identical to a training image" in line
                for line in lines)
-    train = Records([tmp_path / images[0]], [0])
-    test = Records([tmp_path / images[0], tmp_path / images[1]], [0, 1])
-    assert shared_images(train, test) == 1
+    assert shared_images([tmp_path / images[0]], [tmp_path / images[0], tmp_path / images[1]]) \
+        == 1
 
 
 @pytest.mark.parametrize("seed", ["0", "1"])

@@ -295,7 +295,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from idml.core.outputs import RUN_FILES
+    from idml.core.rundir import RUN_FILES
     from idml.serving.report import is_report_file, write_report
 
     if args.suspicious < 0:

@@ -121,7 +121,7 @@ class RunConfig:
         for name in ("image_size", "proxy_lr_mult", "uncertainty_lr_mult", "lr_gamma"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not isinstance(self.log, list) or any(t not in TRACKERS for t in self.log):
+        if any(t not in TRACKERS for t in self.log):  # a list of str: _check_types
             raise ConfigError(f"log must name trackers among {', '.join(TRACKERS)}, "
                               f"got {self.log!r}")
         if not self.eval_ks or min(self.eval_ks) < 1:

@@ -9,18 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from idml.core.errors import IdmlError
-from idml.core.rundir import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    HISTORY_FILE,
-    LOG_FILE,
-    METRICS_FILE,
-    RESUME_FILE,
-)
-
-#: What ``idml train`` writes into a run folder (``trackers.json``: ``idml.training.tracking``).
-RUN_FILES = (CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, RESUME_FILE, METRICS_FILE, HISTORY_FILE,
-             "trackers.json")
+from idml.core.rundir import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RESUME_FILE, RUN_FILES
 
 
 class OutputError(IdmlError):

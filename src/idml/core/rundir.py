@@ -18,6 +18,10 @@ CHECKPOINT_FILE = "checkpoint.pt"  #: the trained model (and its final metrics)
 RESUME_FILE = "last.pt"  #: everything to resume; written each epoch, removed at the end
 METRICS_FILE = "metrics.json"  #: {"initial", "final", "uncertainty"}
 HISTORY_FILE = "history.json"  #: loss and speed per epoch
+TRACKERS_FILE = "trackers.json"  #: the tracker runs and the last epoch logged to them
+#: Everything ``idml train`` writes into a run folder: never the output of another command.
+RUN_FILES = (CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, RESUME_FILE, METRICS_FILE, HISTORY_FILE,
+             TRACKERS_FILE)
 #: What a finished run folder holds (the report needs all of them).
 FINISHED_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, HISTORY_FILE)
 

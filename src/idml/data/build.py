@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from idml.core.config import RunConfig
 from idml.data.cache import cache_root
 from idml.data.digits import load_digits_splits
-from idml.data.duplicates import drop_duplicates, shared_images
+from idml.data.duplicates import drop_duplicates, split_keys
 from idml.data.images import CachedImageDataset, ImageDataset, cache_images, validate_images
 from idml.data.records import DatasetError, Records
 from idml.data.registry import get_dataset, read_dataset, resolve_root
@@ -44,15 +44,17 @@ def _validated(
 
 def _unique(parts: dict[str, Records], allow: bool, where: str,
             log: Callable[[str], None]) -> dict[str, Records]:
-    """Each split without duplicates (see :func:`~idml.data.duplicates.drop_duplicates`)."""
-    parts = {part: drop_duplicates(records, part, where, allow, log)
-             for part, records in parts.items()}
+    """Each split without duplicates (see :func:`~idml.data.duplicates.drop_duplicates`), and
+    the test images identical to a training image counted in the log."""
+    keys = split_keys(parts)  # one stat (and hash, where sizes collide) per image
+    unique = {part: drop_duplicates(records, part, where, allow, log, keys[part])
+              for part, records in parts.items()}
     if "train" in parts and "test" in parts:
-        shared = shared_images(parts["train"], parts["test"])
+        shared = len(set(keys["test"]) & set(keys["train"]))  # one per kept test image
         if shared:
             log(f"{shared} test image(s) of {where} are identical to a training image "
                 "(kept; they are not unseen)")
-    return parts
+    return unique
 
 
 def load_image_splits(

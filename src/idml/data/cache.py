@@ -6,12 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from idml.core.io import write_json
+from idml.core.io import atomic_folder, write_json
 from idml.data.download import DownloadError, extract_archive
 from idml.data.records import DatasetError
 
@@ -58,19 +56,10 @@ def extract_once(archive: Path, target: Path) -> Path:
     stamp = _archive_stamp(archive)
     if _is_extracted(target, stamp):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:  # a stale extraction is replaced as a whole
         try:
             extract_archive(archive, tmp, kind="tar")
         except DownloadError as err:
             raise DatasetError(f"{archive}: {err}") from err
         write_json(tmp / _STAMP, stamp)
-        if target.exists():  # a stale extraction: moved aside first, as rename needs no target
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

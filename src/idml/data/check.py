@@ -91,7 +91,7 @@ def check_dataset(name: str, data_root: str | None = None, csv: str | None = Non
     root, csv = resolve_root(name, data_root, csv)
     parts = read_dataset(name, root, csv=csv).parts()
     checks = {part: _check_split(records, max_bits) for part, records in parts.items()}
-    shared = shared_images(parts["train"], parts["test"]) if "test" in parts else 0
+    shared = shared_images(parts["train"].paths, parts["test"].paths) if "test" in parts else 0
     return checks, shared
 
 

@@ -49,20 +49,36 @@ def content_keys(paths: Sequence[Path]) -> list[tuple]:
     return keys
 
 
-def duplicate_groups(paths: Sequence[Path]) -> list[list[int]]:
-    """Indices of the paths that are the same file or hold the same bytes (groups of two or
-    more, each in list order, groups ordered by their first member)."""
+def _groups(keys: Sequence[tuple]) -> list[list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, key in enumerate(content_keys(paths)):
+    for i, key in enumerate(keys):
         groups[key].append(i)
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
+def duplicate_groups(paths: Sequence[Path]) -> list[list[int]]:
+    """Indices of the paths that are the same file or hold the same bytes (groups of two or
+    more, each in list order, groups ordered by their first member)."""
+    return _groups(content_keys(paths))
+
+
+def split_keys(parts: dict[str, Records]) -> dict[str, list[tuple]]:
+    """:func:`content_keys` of every split, computed once over all of them (so a key means
+    the same content in every split)."""
+    keys = content_keys([p for records in parts.values() for p in records.paths])
+    out, start = {}, 0
+    for part, records in parts.items():
+        out[part], start = keys[start:start + len(records)], start + len(records)
+    return out
+
+
 def drop_duplicates(records: Records, part: str, where: str, allow: bool,
-                    log: Callable[[str], None]) -> Records:
+                    log: Callable[[str], None], keys: Sequence[tuple] | None = None
+                    ) -> Records:
     """``records`` without duplicates: an error naming the first pair, or with ``allow`` the
-    first of each group kept and the number dropped logged."""
-    groups = duplicate_groups(records.paths)
+    first of each group kept and the number dropped logged. ``keys``: the records'
+    :func:`content_keys`, if already computed."""
+    groups = _groups(content_keys(records.paths) if keys is None else keys)
     if not groups:
         return records
     extra = sum(len(g) - 1 for g in groups)
@@ -81,8 +97,8 @@ def drop_duplicates(records: Records, part: str, where: str, allow: bool,
     return Records([records.paths[i] for i in keep], [records.labels[i] for i in keep])
 
 
-def shared_images(train: Records, test: Records) -> int:
+def shared_images(train: Sequence[Path | str], test: Sequence[Path | str]) -> int:
     """How many test images are identical to a training image (same file or bytes)."""
-    keys = content_keys([*train.paths, *test.paths])
+    keys = content_keys([*train, *test])
     seen = set(keys[:len(train)])
     return sum(k in seen for k in keys[len(train):])

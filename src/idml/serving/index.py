@@ -15,8 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import numpy as np
 
 from idml import __version__
 from idml.core.errors import IdmlError
-from idml.core.io import atomic_write, atomic_write_text, sha256_file
+from idml.core.io import atomic_folder, atomic_write, atomic_write_text, sha256_file
 from idml.serving.embeddings import EmbeddingSet
 
 INDEX_FORMAT = "idml-index"
@@ -185,27 +183,10 @@ def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
     old index or the new one, never a mix; an interrupted write leaves no temporary folder.
     """
     folder = Path(directory)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         _write_index_files(index, tmp)
-        _swap_into(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     index.location = str(folder)
     return folder
-
-
-def _swap_into(tmp: Path, folder: Path) -> None:
-    """Rename the complete ``tmp`` onto ``folder`` (an earlier one is moved aside first)."""
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
-    os.replace(folder, old / folder.name)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_index_files(index: RetrievalIndex, folder: Path) -> None:

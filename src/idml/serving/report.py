@@ -39,7 +39,6 @@ from idml.core.rundir import CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE, check_
 from idml.core.runtime import select_device
 from idml.data.build import splits_from_config
 from idml.data.duplicates import shared_images
-from idml.data.records import Records
 from idml.data.splits import paths_of
 from idml.evaluation.evaluator import compute_embeddings
 from idml.evaluation.uncertainty import query_correct, risk_coverage, semantic_confidence
@@ -233,8 +232,7 @@ def collect_report_data(
         query_thumbs=query_thumbs, reference_thumbs=reference_thumbs,
         leave_one_out=reference is None, suspects=suspects, suspect_thumbs=suspect_thumbs,
         overlap=None if train_paths is None or test_paths is None else shared_images(
-            Records(train_paths, [0] * len(train_paths)),
-            Records(test_paths, [0] * len(test_paths))),
+            train_paths, test_paths),
     )
 
 

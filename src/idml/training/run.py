@@ -146,8 +146,8 @@ def check_resumable(cfg: RunConfig, saved: ResumeState, run_dir: Path) -> None:
     if changed:
         raise ConfigError(f"resume={str(run_dir)!r}: {run_dir / CONFIG_FILE} differs from the "
                           f"config the run was started with in {', '.join(changed)}; undo the "
-                          "edit, or start a new run (only device, num_workers, progress, log, "
-                          "mlflow_uri and eval_batch_size may change)")
+                          f"edit, or start a new run (only {', '.join(RESUME_MAY_DIFFER)} may "
+                          "change)")
 
 
 def resume_config(run_dir: str | Path) -> RunConfig:

@@ -35,8 +35,8 @@ import idml
 from idml.core.config import RunConfig, as_dict
 from idml.core.errors import ConfigError
 from idml.core.io import atomic_write_text
+from idml.core.rundir import TRACKERS_FILE
 
-STATE_FILE = "trackers.json"  #: the tracker runs of a run folder and the last epoch logged
 #: The package each backend needs, and the idml extra that installs it.
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 #: Where MLflow records runs when neither ``MLFLOW_TRACKING_URI`` nor ``mlflow_uri`` is set.
@@ -312,7 +312,7 @@ class Trackers:
         self.trackers = []
 
     def _read_state(self) -> dict[str, Any]:
-        path = None if self.run_dir is None else self.run_dir / STATE_FILE
+        path = None if self.run_dir is None else self.run_dir / TRACKERS_FILE
         if path is None or not path.is_file():
             return {}
         try:
@@ -323,7 +323,7 @@ class Trackers:
 
     def _save_state(self) -> None:
         if self.run_dir is not None and self.trackers:
-            atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=2))
+            atomic_write_text(self.run_dir / TRACKERS_FILE, json.dumps(self.state, indent=2))
 
 
 def epoch_scalars(record: dict[str, Any]) -> list[tuple[int, dict[str, float]]]:

@@ -48,6 +48,11 @@ from idml.training.tracking import Trackers, flat_scalars
 LR_GROUPS = ("backbone", "semantic_head", "uncertainty_head", "proxies", "loss")
 
 
+def steps_done(history: list[dict[str, Any]]) -> int:
+    """Optimiser steps taken in the epochs of ``history`` (the trackers' step numbers)."""
+    return sum(len(h.get("step_loss", ())) for h in history)
+
+
 class Trainer:
     """Trains ``model`` with ``loss_fn`` on ``splits.train`` by the recipe of ``cfg``.
 
@@ -159,7 +164,7 @@ class Trainer:
         self.model.train()
         lrs = {name: g["lr"] for name, g in zip(LR_GROUPS, self.optimizer.param_groups,
                                                 strict=False)}
-        first_step = 1 + sum(len(h.get("step_loss", ())) for h in self.history)
+        first_step = 1 + steps_done(self.history)
         total, seen, start, losses, rates = 0.0, 0, time.perf_counter(), [], []
         last = start
         show = cfg.progress and ctx.is_main
@@ -280,7 +285,7 @@ class Trainer:
         """The test metrics and uncertainty numbers at the last step, the run's files."""
         files = [] if self.run_dir is None else [
             self.run_dir / name for name in (CONFIG_FILE, METRICS_FILE, HISTORY_FILE, LOG_FILE)]
-        steps = sum(len(h.get("step_loss", ())) for h in self.history)
+        steps = steps_done(self.history)
         self.trackers.finish(
             {**flat_scalars(final, "test"), **flat_scalars(unc, "test/uncertainty")}, steps,
             files)
