@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CHROMIUM_FLAGS
 from PIL import Image
 
 from idml import cli
@@ -254,21 +255,10 @@ def test_not_a_run_folder(run_dir: Path, tmp_path: Path,
 # ------------------------------------------------------------------ headless browser
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def render(path: Path, profile: Path) -> tuple[dict[str, str | None], str]:
+def render(binary: str, path: Path, profile: Path) -> tuple[dict[str, str | None], str]:
     """Load ``path`` in headless Chromium: ``(<body> attributes after load, console lines)``."""
-    binary = _chromium()
-    assert binary is not None
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
+           "--v=0",
            "--virtual-time-budget=5000", "--dump-dom", path.resolve().as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -278,41 +268,34 @@ def render(path: Path, profile: Path) -> tuple[dict[str, str | None], str]:
     return bodies[0], console
 
 
-needs_chromium = pytest.mark.skipif(
-    _chromium() is None,
-    reason="no chromium binary on PATH (apt-get install chromium; .ci/run installs it)",
-)
-
-
-@needs_chromium
-def test_report_renders_in_chromium(report: Path, page: str, tmp_path: Path) -> None:
-    body, console = render(report, tmp_path / "profile")
+def test_report_renders_in_chromium(chromium: str, report: Path, page: str,
+                                    tmp_path: Path) -> None:
+    body, console = render(chromium, report, tmp_path / "profile")
     assert body.get("data-images-total") == str(len(parse(page).find("img")))
     assert body.get("data-images-failed") == "0"
     assert console == ""
 
 
-@needs_chromium
 def test_browser_check_catches_broken_images_and_console_errors(
-    page: str, tmp_path: Path
+    chromium: str, page: str, tmp_path: Path
 ) -> None:
     good_png = parse(page).find("img")[0]["src"]
     broken = tmp_path / "broken.html"
     broken.write_text(page.replace(good_png, "data:image/png;base64,iVBORw0KGgo=", 1))
-    body, console = render(broken, tmp_path / "p1")
+    body, console = render(chromium, broken, tmp_path / "p1")
     assert body.get("data-images-failed") == "1"
     assert console == ""  # a bad data: image is silent: only the load check sees it
 
     noisy = tmp_path / "noisy.html"
     noisy.write_text(page.replace("<script>", "<script>console.error('report broke');", 1))
-    body, console = render(noisy, tmp_path / "p2")
+    body, console = render(chromium, noisy, tmp_path / "p2")
     assert body.get("data-images-failed") == "0"
     assert "report broke" in console
 
     external = tmp_path / "external.html"  # blocked by the page's policy: no network needed
     external.write_text(page.replace("</body>", '<img src="https://example.invalid/x.png">'
                                      "</body>", 1))
-    body, console = render(external, tmp_path / "p3")
+    body, console = render(chromium, external, tmp_path / "p3")
     assert body.get("data-images-failed") == "1"
     assert "Content Security Policy" in console or "Refused" in console
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -299,3 +300,33 @@ def test_format_results_lists_every_hit(gallery, queries):
     text = format_results(search(build_index(gallery, "exact"), q[:2], qu[:2], k=4))
     assert len(text.splitlines()) == 2 * (1 + 1 + 4) + 1  # head, columns, 4 hits; blank line
     assert "semantic gap" in text and "odd" in text
+
+
+@pytest.mark.parametrize("kind,options,width", [
+    ("hnsw", {"hnsw_m": 8, "ef_search": 16}, "ef_search"),
+    ("ivf", {"nlist": 40, "nprobe": 2}, "nprobe"),
+])
+def test_concurrent_searches_with_different_widths_do_not_race(kind, options, width):
+    index = build_index(random_set(), kind, **options)
+    before = (index.index.hnsw.efSearch if kind == "hnsw" else index.index.nprobe)
+    queries = index.semantic[:64] + 0.05
+    values = [1, 40] if kind == "ivf" else [10, 400]
+    sequential = {v: search(index, queries, index.uncertainty[:64], 10, **{width: v}).ids()
+                  for v in values}
+    assert sequential[values[0]] != sequential[values[1]]  # the width matters here
+    found: dict[int, list] = {v: [] for v in values}
+
+    def worker(v: int) -> None:
+        for _ in range(20):
+            found[v].append(search(index, queries, index.uncertainty[:64], 10,
+                                   **{width: v}).ids())
+
+    threads = [threading.Thread(target=worker, args=(v,)) for v in values for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for v in values:
+        assert all(ids == sequential[v] for ids in found[v])
+    after = (index.index.hnsw.efSearch if kind == "hnsw" else index.index.nprobe)
+    assert after == before

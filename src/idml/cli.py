@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_parsers(sub)
     _add_artifact_parsers(sub)
     _add_retrieval_parsers(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -339,6 +340,8 @@ def _add_retrieval_parsers(sub: Any) -> None:
     idx.add_argument("--hnsw-m", type=_positive_int, metavar="M", help="hnsw: links per node [32]")
     idx.add_argument("--ef-search", type=_positive_int, metavar="N",
                      help="hnsw: search beam width [128]")
+    idx.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
+                     help="store no thumbnails of the items (`idml serve` shows them otherwise)")
 
     sea = sub.add_parser("search", help="search an index with query images")
     sea.add_argument("index", help="folder written by `idml index`")
@@ -354,6 +357,58 @@ def _add_retrieval_parsers(sub: Any) -> None:
     sea.add_argument("--batch-size", type=_positive_int, metavar="N",
                      help="[the run's eval batch size]")
     sea.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """``idml serve``."""
+    srv = sub.add_parser("serve", help="serve an index: a search page and a JSON API")
+    srv.add_argument("index", help="folder written by `idml index`")
+    srv.add_argument("--checkpoint", required=True,
+                     help="the checkpoint that embedded the indexed images")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on [127.0.0.1: this machine only]")
+    srv.add_argument("--port", type=int, default=8000, help="[8000]")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    srv.add_argument("--max-upload-mb", type=float, default=16.0, metavar="MB",
+                     help="largest request body [16]")
+    srv.add_argument("--max-pixels", type=_positive_int, default=40_000_000, metavar="N",
+                     help="largest image, width x height, checked before decoding [40000000]")
+    srv.add_argument("--max-k", type=_positive_int, default=100, metavar="N",
+                     help="largest k a request may ask for [100]")
+    srv.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                     help="a search that takes longer is answered 503 [30]")
+    srv.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                     help="model forwards at once [1]")
+    srv.add_argument("--low-confidence", type=float, default=0.9, metavar="Q",
+                     help="flag queries whose ||u||^2 is above this quantile of the index's "
+                          "[0.9]")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from idml.serving.app import is_loopback, run
+    except ImportError as exc:
+        raise IdmlError(f"idml serve needs FastAPI and uvicorn ({exc}): pip install "
+                        "'idml[serve]'") from exc
+    from idml.serving.embedder import load
+    from idml.serving.index import load_index
+    from idml.serving.service import SearchService, ServeLimits
+
+    limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         max_pixels=args.max_pixels, max_k=args.max_k, timeout_s=args.timeout,
+                         forward_workers=args.workers,
+                         low_confidence_quantile=args.low_confidence)
+    local = is_loopback(args.host)
+    if not local:
+        print(f"idml serve: warning: listening on {args.host}: anyone who can reach this "
+              "machine can search the index (file paths are left out of answers)",
+              file=sys.stderr)
+    service = SearchService(load_index(args.index), load(args.checkpoint, device=args.device),
+                            limits, show_paths=local)
+    print(f"serving {len(service.index)} items ({service.index.kind}, model "
+          f"{service.embedder.fingerprint}) on http://{args.host}:{args.port}/")
+    run(service, args.host, args.port)
+    return 0
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -386,6 +441,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from idml.serving.embeddings import load_embeddings
     from idml.serving.index import build_index, is_index_folder, save_index
+    from idml.serving.thumbnails import make_thumbnails
 
     ivf, hnsw = (args.nlist, args.nprobe), (args.hnsw_m, args.ef_search)
     if args.kind != "ivf" and any(v is not None for v in ivf):
@@ -400,10 +456,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[args.embeddings], kind="an index folder",
                  is_own=is_index_folder, overwrite=args.overwrite, folder=True)
     index = build_index(load_embeddings(args.embeddings), args.kind, **options)
+    thumbs = ""
+    if args.thumbnails:
+        index.thumbnails = make_thumbnails(index.paths)
+        missing = index.thumbnails.missing
+        thumbs = f"; thumbnails: {len(index) - missing}" + (
+            f" ({missing} items without a readable image)" if missing else "")
     folder = save_index(index, args.out)
     params = ", ".join(f"{k}={v}" for k, v in index.params.items())
     print(f"indexed {len(index)} embeddings ({index.semantic_dim}-d, model "
-          f"{index.fingerprint}) as {index.kind}{f' ({params})' if params else ''} -> {folder}")
+          f"{index.fingerprint}) as {index.kind}{f' ({params})' if params else ''}{thumbs} "
+          f"-> {folder}")
     return 0
 
 
@@ -453,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         command = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search,
                    "train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
                    "export": _cmd_export, "report": _cmd_report,
-                   "suspicious": _cmd_suspicious}[args.command]
+                   "suspicious": _cmd_suspicious, "serve": _cmd_serve}[args.command]
         return command(args)
     except (ValueError, OSError) as exc:  # our errors name the file, parameter or field
         print(f"idml {args.command}: error: {as_flags(str(exc), args)}", file=sys.stderr)

@@ -19,6 +19,31 @@ from idml.data.splits import LabeledTensors, RetrievalSplits, carve_validation
 
 #: Names of the classes (the digit of each label).
 DIGIT_NAMES = [str(d) for d in range(10)]
+#: Items of the embedded digits have no file; they are named ``digits/<split>/<index>``.
+DIGITS_PREFIX = "digits/"
+_SPLITS = ("train", "test")
+
+
+def digit_path(split: str, index: int) -> str:
+    """The name of image ``index`` of ``split`` (``train``: digits 0-4 without the rotated
+    copies; ``test``: 5-9), as embeddings and indexes record it."""
+    return f"{DIGITS_PREFIX}{split}/{index:04d}"
+
+
+def digit_image(name: str) -> Image.Image | None:
+    """The 8x8 grey image (ink light, 0..255) named ``name`` by :func:`digit_path`, or
+    ``None`` if ``name`` names no digit."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] + "/" != DIGITS_PREFIX or parts[1] not in _SPLITS \
+            or not parts[2].isascii() or not parts[2].isdigit():
+        return None
+    bunch = load_digits()
+    chosen = bunch.images[(bunch.target < 5) == (parts[1] == "train")]
+    index = int(parts[2])
+    if index >= len(chosen):
+        return None
+    pixels = np.asarray(chosen[index], dtype=np.float64) * 255.0 / 16.0
+    return Image.fromarray(pixels.round().astype(np.uint8), mode="L")
 
 
 def add_rotation_classes(train: LabeledTensors) -> LabeledTensors:

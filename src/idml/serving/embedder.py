@@ -28,7 +28,7 @@ from idml.core.checkpoint import weights_fingerprint
 from idml.core.config import RunConfig
 from idml.core.errors import IdmlError
 from idml.core.runtime import select_device
-from idml.data.digits import DIGIT_NAMES, load_digits_splits
+from idml.data.digits import DIGIT_NAMES, digit_path, load_digits_splits
 from idml.data.images import io_threads, to_rgb, to_storage_mode
 from idml.data.registry import get_dataset, resolve_root, test_transform
 from idml.data.sources import Source, dataset_source
@@ -259,7 +259,7 @@ def embed_split(
         if data is None:
             raise IdmlError(f"the digits data set has no {split!r} split; use train or test")
         semantic, uncertainty = embedder.embed(data.images, batch_size=batch_size)
-        paths = [f"digits/{split}/{i:04d}" for i in range(len(data))]
+        paths = [digit_path(split, i) for i in range(len(data))]
         source = Source(paths, [int(y) for y in data.labels], DIGIT_NAMES)
         return EmbeddingSet(
             semantic, uncertainty, np.array(paths, dtype=str),

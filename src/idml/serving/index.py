@@ -5,8 +5,9 @@ The index searches the unit-norm semantic embeddings by inner product (= cosine)
 ``nprobe`` cells visited per query) or ``hnsw`` (``IndexHNSWFlat``, a proximity graph).
 
 An index folder holds ``index.faiss`` (``faiss.write_index``), ``embeddings.npz`` (semantic
-and uncertainty arrays, for re-ranking) and ``meta.json`` (kind, parameters, the model
-fingerprint, dimensions, count, paths, labels, class names, SHA-256 of the two other files).
+and uncertainty arrays, for re-ranking), optionally ``thumbnails.npz`` (the items' thumbnails,
+:mod:`idml.serving.thumbnails`) and ``meta.json`` (kind, parameters, the model fingerprint,
+dimensions, count, paths, labels, class names, SHA-256 of the other files).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from idml import __version__
 from idml.core.errors import IdmlError
 from idml.core.io import atomic_folder, atomic_write, atomic_write_text, sha256_file
 from idml.serving.embeddings import EmbeddingSet
+from idml.serving.thumbnails import Thumbnails
 
 INDEX_FORMAT = "idml-index"
 INDEX_VERSION = 1
 KINDS = ("exact", "ivf", "hnsw")
 INDEX_FILE, ARRAYS_FILE, META_FILE = "index.faiss", "embeddings.npz", "meta.json"
+THUMBS_FILE = "thumbnails.npz"
 _FAISS_TYPES = {"exact": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
 
 
@@ -50,6 +53,7 @@ class RetrievalIndex:
     labels: np.ndarray  #: int64 [N], -1 = unknown
     meta: dict[str, Any]  #: fingerprint, checkpoint, class_names, ism, ...
     location: str | None = None  #: the folder it was loaded from or saved to
+    thumbnails: Thumbnails | None = None  #: one per item, where the index was built with them
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -168,7 +172,7 @@ def is_index_folder(path: str | os.PathLike) -> bool:
     names = {p.name for p in folder.iterdir()}
     if not names:
         return True
-    if not names <= {INDEX_FILE, ARRAYS_FILE, META_FILE}:
+    if not names <= {INDEX_FILE, ARRAYS_FILE, META_FILE, THUMBS_FILE}:
         return False
     try:
         return json.loads((folder / META_FILE).read_text()).get("format") == INDEX_FORMAT
@@ -177,7 +181,8 @@ def is_index_folder(path: str | os.PathLike) -> bool:
 
 
 def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
-    """Write ``index`` into ``directory``: index.faiss, embeddings.npz, meta.json.
+    """Write ``index`` into ``directory``: index.faiss, embeddings.npz, meta.json (and
+    thumbnails.npz where it has thumbnails).
 
     The folder is written whole beside its place and renamed into it, so readers see the
     old index or the new one, never a mix; an interrupted write leaves no temporary folder.
@@ -193,6 +198,10 @@ def _write_index_files(index: RetrievalIndex, folder: Path) -> None:
     faiss.write_index(index.index, str(folder / INDEX_FILE))
     atomic_write(folder / ARRAYS_FILE, lambda fh: np.savez(
         fh, semantic=index.semantic, uncertainty=index.uncertainty))
+    thumbs = index.thumbnails
+    if thumbs is not None:
+        atomic_write(folder / THUMBS_FILE, lambda fh: np.savez(
+            fh, data=thumbs.data, offsets=thumbs.offsets))
     meta = {
         **index.meta,
         "format": INDEX_FORMAT,
@@ -205,7 +214,8 @@ def _write_index_files(index: RetrievalIndex, folder: Path) -> None:
         "count": len(index),
         "paths": index.paths,
         "labels": index.labels.tolist(),
-        "sha256": {name: sha256_file(folder / name) for name in (INDEX_FILE, ARRAYS_FILE)},
+        "sha256": {name: sha256_file(folder / name)
+                   for name in (INDEX_FILE, ARRAYS_FILE, THUMBS_FILE) if (folder / name).is_file()},
     }
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
 
@@ -232,22 +242,33 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
         index = faiss.read_index(str(folder / INDEX_FILE))
     except RuntimeError as exc:
         raise IndexFormatError(f"cannot read faiss index {folder / INDEX_FILE} ({exc})") from exc
-    try:
-        with np.load(folder / ARRAYS_FILE, allow_pickle=False) as data:
-            semantic, uncertainty = data["semantic"], data["uncertainty"]
-    except Exception as exc:
-        raise IndexFormatError(f"cannot read {folder / ARRAYS_FILE} ({type(exc).__name__}: "
-                               f"{exc})") from exc
+    arrays = _read_arrays(folder / ARRAYS_FILE, ("semantic", "uncertainty"))
+    semantic, uncertainty = arrays["semantic"], arrays["uncertainty"]
+    thumbnails = None
+    if THUMBS_FILE in meta["sha256"]:
+        thumbnails = Thumbnails(**_read_arrays(folder / THUMBS_FILE, ("data", "offsets")))
     labels = np.asarray(meta["labels"], dtype=np.int64)
     problems = _inconsistencies(index, meta, semantic, uncertainty, labels)
+    if thumbnails is not None:
+        problems += thumbnails.check(len(labels))
     if problems:
         raise IndexFormatError(f"index folder {folder} is inconsistent: {'; '.join(problems)}")
     keep = {k: v for k, v in meta.items() if k not in (*_META_FIELDS, "format", "version")}
     return RetrievalIndex(
         index=index, kind=meta["kind"], params=dict(meta["params"]), semantic=semantic,
         uncertainty=uncertainty, paths=[str(p) for p in meta["paths"]], labels=labels,
-        meta=keep, location=str(folder),
+        meta=keep, location=str(folder), thumbnails=thumbnails,
     )
+
+
+def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of the ``.npz`` file ``path``; a bad file raises
+    :class:`IndexFormatError` naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in names}
+    except Exception as exc:
+        raise IndexFormatError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -270,7 +291,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta["sha256"], dict):
         raise IndexFormatError(f"{meta_path}: field sha256 must map file names to digests, "
                                f"got {type(meta['sha256']).__name__}")
-    for name in (INDEX_FILE, ARRAYS_FILE):
+    if THUMBS_FILE in meta["sha256"] and not (folder / THUMBS_FILE).is_file():
+        raise IndexFormatError(f"index folder {folder} lacks {THUMBS_FILE}, which {meta_path} "
+                               "lists")
+    for name in (INDEX_FILE, ARRAYS_FILE, THUMBS_FILE):
         expected = meta["sha256"].get(name)
         if expected is not None and sha256_file(folder / name) != expected:
             raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "

@@ -19,7 +19,6 @@ import base64
 import html
 import io
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +42,11 @@ from idml.data.splits import paths_of
 from idml.evaluation.evaluator import compute_embeddings
 from idml.evaluation.uncertainty import query_correct, risk_coverage, semantic_confidence
 from idml.method.metric import uncertainty_score
+from idml.serving.thumbnails import fit_thumbnail
 from idml.serving.trained import Suspect, TrainedModel, load_trained, rank_training_suspects
 
 #: Results shown per retrieval example.
 TOP_K = 5
-#: Longest side of a thumbnail in pixels; smaller images are upscaled (nearest) to MIN_THUMB.
-MAX_THUMB = 112
-MIN_THUMB = 64
 METRIC_NAMES = {
     "recall@1": "Recall@1", "recall@2": "Recall@2", "recall@4": "Recall@4",
     "recall@8": "Recall@8", "r_precision": "R-Precision", "map@r": "MAP@R", "nmi": "NMI",
@@ -137,14 +134,7 @@ def _thumbnail(dataset: Dataset, i: int, spec: dict[str, Any]) -> Image.Image:
         x = (x * std + mean).clamp(0, 1)
         arr = (x * 255).round().to(torch.uint8).numpy().transpose(1, 2, 0)
         img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    side = max(img.size)
-    if side > MAX_THUMB:
-        img = img.copy()
-        img.thumbnail((MAX_THUMB, MAX_THUMB))
-    elif side < MIN_THUMB:
-        factor = math.ceil(MIN_THUMB / side)
-        img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
-    return img
+    return fit_thumbnail(img)
 
 
 def pick_examples(scores: np.ndarray, correct: np.ndarray, count: int) -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import faiss
@@ -104,11 +105,28 @@ def ism_distances(
     return introspective_distance(1.0 - cos, bet, sq, a=ism.a, b=ism.b)[0].numpy()
 
 
-def _set_search_width(index: RetrievalIndex, fetch: int) -> None:
+def search_parameters(index: RetrievalIndex, fetch: int, *, nprobe: int | None = None,
+                      ef_search: int | None = None) -> Any:
+    """faiss ``SearchParameters`` for one call: ``nprobe`` (ivf) or ``ef_search`` (hnsw, at
+    least ``fetch``), default the index's own. Passed to ``index.search(..., params=)``, they
+    never touch the shared index, so concurrent searches with different widths do not race
+    (setting ``index.nprobe`` / ``hnsw.efSearch`` would)."""
+    if nprobe is not None and index.kind != "ivf":
+        raise IdmlError(f"nprobe applies to ivf indexes; this one is {index.kind}")
+    if ef_search is not None and index.kind != "hnsw":
+        raise IdmlError(f"ef_search applies to hnsw indexes; this one is {index.kind}")
     if index.kind == "ivf":
-        faiss.extract_index_ivf(index.index).nprobe = int(index.params["nprobe"])
-    elif index.kind == "hnsw":
-        index.index.hnsw.efSearch = max(int(index.params["ef_search"]), fetch)
+        nlist = int(index.params["nlist"])
+        nprobe = int(index.params["nprobe"]) if nprobe is None else nprobe
+        if not 1 <= nprobe <= nlist:
+            raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+        return faiss.SearchParametersIVF(nprobe=nprobe)
+    if index.kind == "hnsw":
+        ef_search = int(index.params["ef_search"]) if ef_search is None else ef_search
+        if ef_search < 1:
+            raise IdmlError(f"ef_search must be >= 1, got {ef_search}")
+        return faiss.SearchParametersHNSW(efSearch=max(ef_search, fetch))
+    return None
 
 
 def search(
@@ -121,6 +139,9 @@ def search(
     shortlist: int = 100,
     ism: ISMParams | None = None,
     query_paths: list[str] | None = None,
+    exclude: Sequence[int] | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
 ) -> SearchResult:
     """The top-``k`` items of ``index`` for each query (rows of ``query_semantic`` [Q, D]).
 
@@ -129,7 +150,9 @@ def search(
     the ``k`` with the highest introspective similarity (lowest ``D_IN``) are kept, in that
     order (ties by cosine). ``ism``: the ISM's constants (default: those recorded with the
     embeddings, else the release's ``a=5, b=4, difference``). The semantic
-    gap uses the candidates faiss returned.
+    gap uses the candidates faiss returned. ``exclude``: per query, a row left out of its
+    results (an indexed item searched for itself; -1: none). ``nprobe`` / ``ef_search``: this
+    call's search width (:func:`search_parameters`; the index is not changed).
     """
     q_sem = np.ascontiguousarray(query_semantic, dtype=np.float32)
     q_unc = np.asarray(query_uncertainty, dtype=np.float32)
@@ -137,14 +160,18 @@ def search(
     if ism is None:
         recorded = index.meta.get("ism")
         ism = ISMParams.from_dict(recorded) if recorded else RELEASE_ISM
-    fetch = min(len(index), max(k, 2, shortlist if rerank else 0))
-    _set_search_width(index, fetch)
-    _, found = index.index.search(q_sem, fetch)
+    skip = np.full(len(q_sem), -1, np.int64) if exclude is None else np.asarray(exclude)
+    if skip.shape != (len(q_sem),):
+        raise IdmlError(f"exclude must name one row per query ({len(q_sem)}), got {skip.shape}")
+    fetch = min(len(index), max(k, 2, shortlist if rerank else 0) + int((skip >= 0).any()))
+    params = search_parameters(index, fetch, nprobe=nprobe, ef_search=ef_search)
+    _, found = index.index.search(q_sem, fetch, params=params)
     scores = uncertainty_score(torch.from_numpy(q_unc)).numpy()
     results = [
         QueryResult(query=None if query_paths is None else str(query_paths[i]),
                     uncertainty=float(scores[i]),
-                    **_ranked_hits(index, q_sem[i], q_unc[i], row, k, rerank, ism))
+                    **_ranked_hits(index, q_sem[i], q_unc[i], row[row != skip[i]], k, rerank,
+                                   ism))
         for i, row in enumerate(found)
     ]
     return SearchResult(results, k, rerank, shortlist if rerank else None, ism)
