@@ -38,6 +38,9 @@ embedder = idml.load(sys.argv[1], device="cpu")
 index = build_index(embed_source(embedder, folder_source(sys.argv[2])), "exact")
 result = search_images(index, embedder, [sys.argv[3]], k=2, rerank="introspective")
 assert len(result.queries[0].hits) == 2
+from idml.serving.app import create_app
+from idml.serving.service import SearchService
+create_app(SearchService(index, embedder))
 loaded = sorted(m for m in sys.modules
                 if m.startswith(("idml.training", "pytorch_metric_learning")))
 print("LOADED", loaded)

@@ -309,3 +309,21 @@ def test_damaged_thumbnails_are_refused_at_load(digits_served, tmp_path):
     (copy / "thumbnails.npz").unlink()
     with pytest.raises(IdmlError, match="lacks thumbnails.npz"):
         load_index(copy)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--port", "0"], "--port: must be in [1, 65535]"),
+    (["--timeout", "-1"], "--timeout: must be a positive number"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb: must be a positive number"),
+    (["--low-confidence", "1"], "--low-confidence: must be between 0 and 1"),
+    (["--max-k", "0"], "--max-k: must be at least 1"),
+])
+def test_serve_flags_are_checked(flags, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "index", "--checkpoint", "c.pt", *flags])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_serve_names_a_missing_index(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope"), "--checkpoint", "c.pt"]) == 2
+    assert "nope does not exist" in capsys.readouterr().err

@@ -63,6 +63,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
+    return value
+
+
 def _comma_list(text: str) -> list[str]:
     """``a,b`` -> ``["a", "b"]`` (``--log tensorboard,mlflow``; an empty string: none)."""
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -367,19 +397,19 @@ def _add_serve_parser(sub: Any) -> None:
                      help="the checkpoint that embedded the indexed images")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to listen on [127.0.0.1: this machine only]")
-    srv.add_argument("--port", type=int, default=8000, help="[8000]")
+    srv.add_argument("--port", type=_port, default=8000, help="[8000]")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    srv.add_argument("--max-upload-mb", type=float, default=16.0, metavar="MB",
+    srv.add_argument("--max-upload-mb", type=_positive_float, default=16.0, metavar="MB",
                      help="largest request body [16]")
     srv.add_argument("--max-pixels", type=_positive_int, default=40_000_000, metavar="N",
                      help="largest image, width x height, checked before decoding [40000000]")
     srv.add_argument("--max-k", type=_positive_int, default=100, metavar="N",
                      help="largest k a request may ask for [100]")
-    srv.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    srv.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
                      help="a search that takes longer is answered 503 [30]")
     srv.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                      help="model forwards at once [1]")
-    srv.add_argument("--low-confidence", type=float, default=0.9, metavar="Q",
+    srv.add_argument("--low-confidence", type=_fraction, default=0.9, metavar="Q",
                      help="flag queries whose ||u||^2 is above this quantile of the index's "
                           "[0.9]")
 
@@ -394,7 +424,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from idml.serving.index import load_index
     from idml.serving.service import SearchService, ServeLimits
 
-    limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20),
+    limits = ServeLimits(max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)),
                          max_pixels=args.max_pixels, max_k=args.max_k, timeout_s=args.timeout,
                          forward_workers=args.workers,
                          low_confidence_quantile=args.low_confidence)
