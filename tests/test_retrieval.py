@@ -330,3 +330,15 @@ def test_concurrent_searches_with_different_widths_do_not_race(kind, options, wi
         assert all(ids == sequential[v] for ids in found[v])
     after = (index.index.hnsw.efSearch if kind == "hnsw" else index.index.nprobe)
     assert after == before
+
+
+def test_search_widths_survive_faiss_torch_utils():
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, whose Index.search takes no
+    ``params``: per-call widths must work after that import too (they failed in the suite)."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    index = build_index(random_set(), "hnsw", hnsw_m=8, ef_search=16)
+    q = index.semantic[:8]
+    assert search(index, q, index.uncertainty[:8], 5, ef_search=64).ids() == \
+        search(index, q, index.uncertainty[:8], 5, ef_search=64).ids()
+    assert search(index, q, index.uncertainty[:8], 5, exclude=list(range(8))).ids()[0][0] != 0

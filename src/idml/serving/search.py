@@ -129,6 +129,18 @@ def search_parameters(index: RetrievalIndex, fetch: int, *, nprobe: int | None =
     return None
 
 
+def _faiss_search(index: Any, queries: np.ndarray, k: int, params: Any) -> np.ndarray:
+    """Row ids ``[Q, k]`` of ``index.search(queries, k, params=params)``, by faiss's low-level
+    ``search_c``: pytorch-metric-learning imports ``faiss.contrib.torch_utils``, which replaces
+    ``Index.search`` with a version that has no ``params`` argument."""
+    n = len(queries)
+    distances = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(distances),
+                   faiss.swig_ptr(ids), params)
+    return ids
+
+
 def search(
     index: RetrievalIndex,
     query_semantic: np.ndarray,
@@ -165,7 +177,7 @@ def search(
         raise IdmlError(f"exclude must name one row per query ({len(q_sem)}), got {skip.shape}")
     fetch = min(len(index), max(k, 2, shortlist if rerank else 0) + int((skip >= 0).any()))
     params = search_parameters(index, fetch, nprobe=nprobe, ef_search=ef_search)
-    _, found = index.index.search(q_sem, fetch, params=params)
+    found = _faiss_search(index.index, q_sem, fetch, params)
     scores = uncertainty_score(torch.from_numpy(q_unc)).numpy()
     results = [
         QueryResult(query=None if query_paths is None else str(query_paths[i]),
