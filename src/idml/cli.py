@@ -51,12 +51,17 @@ _HELP: dict[str, str] = {
 }
 
 
+def _parse(text: str, convert: Any, what: str) -> Any:
+    """``convert(text)``, or the argparse error "expected ``what``"."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (0 is not "the default": leave the flag out)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _parse(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the flag "
                                          "out for the default)")
@@ -65,11 +70,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
+    value = _parse(text, float, "a number")
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
@@ -84,10 +86,7 @@ def _fraction(text: str) -> float:
 
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 1 to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    value = _parse(text, int, "a port number")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
     return value
