@@ -1,5 +1,5 @@
 """The search page of ``idml serve`` in headless Chromium (Playwright driving the system's
-Chromium): upload an image, results and the confidence render, re-ranking toggles, a click
+Chromium): upload or drop an image, results and the confidence render, re-ranking toggles, a click
 on an indexed image searches with it, the low-confidence state shows; no console errors and
 no request leaves the server. Under CI (IDML_REQUIRE_BROWSER=1) it must run, not skip.
 
@@ -8,6 +8,7 @@ no request leaves the server. Under CI (IDML_REQUIRE_BROWSER=1) it must run, not
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -30,6 +31,15 @@ if REQUIRE_BROWSER:
 else:
     _pw = pytest.importorskip("playwright.sync_api")
     expect, sync_playwright = _pw.expect, _pw.sync_playwright
+
+
+#: Drops a PNG (its bytes as a list) on the page's drop zone, as a user dragging a file would.
+DROP = """bytes => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], "drop.png", {type: "image/png"}));
+  document.getElementById("drop").dispatchEvent(
+    new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +87,15 @@ def test_search_page_in_chromium(chromium, server, tmp_path):
         assert f"#1 {expected['hits'][0]['label_name']}" in first
         for img in page.locator("#results img").all():
             assert img.evaluate("i => i.complete && i.naturalWidth > 0")
+
+        dropped = digit_image("digits/test/0100").resize((80, 80))  # drag and drop a file
+        buf = io.BytesIO()
+        dropped.save(buf, format="PNG")
+        with page.expect_response("**/search") as answer:
+            page.evaluate(DROP, list(buf.getvalue()))
+        assert answer.value.status == 200 and answer.value.json()["query"]["upload"] == "drop.png"
+        expect(page.locator("#query-label")).to_have_text("drop.png")
+        expect(page.locator("#results .hit")).to_have_count(8)
 
         page.uncheck("#rerank")
         expect(page.locator("#results-title")).to_contain_text("by cosine")

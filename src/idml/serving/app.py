@@ -8,8 +8,8 @@ pool, searches in the framework's thread pool, both under a per-request timeout 
 searches in flight (503 beyond it). The app runs on uvicorn (:func:`run`).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the route signatures at run time,
+# and their bounds (``le=lim.max_k``) come from create_app's locals.
 import asyncio
 import ipaddress
 import json
@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from idml import __version__
@@ -89,6 +90,28 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": data})
 
 
+class Problem(BaseModel):
+    """A refused request: what is wrong, in words (422s use FastAPI's validation shape)."""
+
+    detail: str
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals a route can answer with."""
+    words = {400: "empty upload", 404: "unknown item", 413: "body or image too large",
+             415: "not a readable image", 503: "busy or timed out"}
+    return {status: {"model": Problem, "description": words[status]} for status in statuses}
+
+
+def _refusal(exc: RequestError) -> JSONResponse:
+    """``exc`` as a response; a 422 in FastAPI's validation shape, naming the field."""
+    if exc.status != 422:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    loc = ["body"] if exc.field is None else ["body", exc.field]
+    return JSONResponse({"detail": [{"type": "value_error", "loc": loc, "msg": str(exc)}]},
+                        status_code=422)
+
+
 def _page() -> str:
     return resources.files("idml.serving").joinpath("static/search.html").read_text("utf-8")
 
@@ -134,7 +157,7 @@ def create_app(service: SearchService) -> Any:
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return _refusal(exc)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page() -> HTMLResponse:
@@ -151,31 +174,39 @@ def create_app(service: SearchService) -> Any:
         return service.info()
 
     @app.get("/items")
-    async def items(start: int = 0, count: int = 24) -> dict[str, Any]:
-        """Indexed items ``start`` to ``start + count - 1`` (at most 200)."""
-        return service.items(start, min(count, 200))
+    async def items(start: Annotated[int, Query(ge=0)] = 0,
+                    count: Annotated[int, Query(ge=1, le=200)] = 24) -> dict[str, Any]:
+        """Indexed items ``start`` to ``start + count - 1``."""
+        return service.items(start, count)
 
-    @app.get("/items/{item}")
+    @app.get("/items/{item}", responses=_documented(404))
     async def item(item: int) -> dict[str, Any]:
         """An indexed item: label, confidence and its thumbnail's URL."""
         return service.item(item)
 
-    @app.get("/items/{item}/thumbnail", response_class=Response)
+    @app.get("/items/{item}/thumbnail", response_class=Response,
+             responses={**_documented(404),
+                        200: {"content": {"image/png": {}, "image/jpeg": {}}}})
     async def thumbnail(item: int) -> Response:
         """The item's thumbnail (PNG or JPEG), made when the index was built."""
         data, mime = service.thumbnail(item)
         return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/search")
+    lim = service.limits
+
+    @app.post("/search", responses=_documented(400, 404, 413, 415, 503))
     async def search(
         file: Annotated[UploadFile | None, File(description="query image")] = None,
         item_id: Annotated[int | None, Form(alias="id",
                                             description="or: an indexed item as the query")] = None,
-        k: Annotated[int, Form()] = 10,
-        rerank: Annotated[str, Form(description="none or introspective")] = "none",
-        shortlist: Annotated[int, Form(description="candidates re-ranked")] = 100,
-        nprobe: Annotated[int | None, Form(description="ivf: cells visited")] = None,
-        ef_search: Annotated[int | None, Form(description="hnsw: beam width")] = None,
+        k: Annotated[int, Form(ge=1, le=lim.max_k)] = 10,
+        rerank: Annotated[Literal["none", "introspective"], Form()] = "none",
+        shortlist: Annotated[int, Form(ge=1, le=lim.max_shortlist,
+                                       description="candidates re-ranked")] = 100,
+        nprobe: Annotated[int | None, Form(ge=1, description="ivf indexes: cells visited "
+                                                             "(at most nlist)")] = None,
+        ef_search: Annotated[int | None, Form(ge=1, le=lim.max_ef_search,
+                                              description="hnsw indexes: beam width")] = None,
     ) -> dict[str, Any]:
         """The ``k`` nearest indexed items of an uploaded image (field ``file``) or of an
         indexed item (``id``, left out of its own results), with the query's confidence."""
@@ -183,7 +214,7 @@ def create_app(service: SearchService) -> Any:
             raise RequestError(422, "give either an image in field 'file' or an item 'id'")
         params = {"k": k, "rerank": rerank, "shortlist": shortlist, "nprobe": nprobe,
                   "ef_search": ef_search}
-        service.check_params(k, rerank, shortlist)
+        service.check_params(k, rerank, shortlist, ef_search)
         data = b"" if file is None else await file.read()
         started = time.perf_counter()
 

@@ -41,6 +41,7 @@ class ServeLimits:
     max_pixels: int = 40_000_000  #: images with more pixels get 413 (checked before decoding)
     max_k: int = 100  #: largest ``k``
     max_shortlist: int = 1000  #: largest re-ranking shortlist
+    max_ef_search: int = 4096  #: largest HNSW beam width a request may ask for
     timeout_s: float = 30.0  #: a search that takes longer gets 503
     forward_workers: int = 1  #: model forwards running at once
     max_pending: int = 64  #: searches waiting or running at once; more get 503
@@ -48,7 +49,7 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_pixels", "max_k", "max_shortlist",
-                     "forward_workers", "max_pending"):
+                     "max_ef_search", "forward_workers", "max_pending"):
             if getattr(self, name) < 1:
                 raise IdmlError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
@@ -59,11 +60,12 @@ class ServeLimits:
 
 
 class RequestError(IdmlError):
-    """A request the service refuses; ``status`` is the HTTP status code to answer with."""
+    """A request the service refuses; ``status`` is the HTTP status code to answer with and
+    ``field`` the request field at fault, where one is."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.field = status, field
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -163,7 +165,8 @@ class SearchService:
     def items(self, start: int, count: int) -> dict[str, Any]:
         """Metadata of items ``start`` to ``start + count - 1`` (for browsing the index)."""
         if start < 0 or count < 1:
-            raise RequestError(422, "start must be >= 0 and count >= 1")
+            raise RequestError(422, f"start must be >= 0 and count >= 1, got {start} and {count}",
+                               "start" if start < 0 else "count")
         ids = range(min(start, len(self.index)), min(start + count, len(self.index)))
         return {"total": len(self.index), "items": [self.item(i) for i in ids]}
 
@@ -185,17 +188,21 @@ class SearchService:
         batch = self.embedder.preprocess(image).unsqueeze(0)
         return tuple(self.embedder.embed(batch))  # type: ignore[return-value]
 
-    def check_params(self, k: int, rerank: str, shortlist: int) -> None:
+    def check_params(self, k: int, rerank: str, shortlist: int,
+                     ef_search: int | None = None) -> None:
         """Refuse (422) search parameters out of range, naming the field."""
         lim = self.limits
+        if ef_search is not None and not 1 <= ef_search <= lim.max_ef_search:
+            raise RequestError(422, f"ef_search must be in [1, {lim.max_ef_search}], got "
+                                    f"{ef_search}", "ef_search")
         if not 1 <= k <= lim.max_k:
-            raise RequestError(422, f"k must be in [1, {lim.max_k}], got {k}")
+            raise RequestError(422, f"k must be in [1, {lim.max_k}], got {k}", "k")
         if rerank not in ("none", *RERANKS):
             raise RequestError(422, f"rerank must be one of none, {', '.join(RERANKS)}; "
-                                    f"got {rerank!r}")
+                                    f"got {rerank!r}", "rerank")
         if not 1 <= shortlist <= lim.max_shortlist:
             raise RequestError(422, f"shortlist must be in [1, {lim.max_shortlist}], got "
-                                    f"{shortlist}")
+                                    f"{shortlist}", "shortlist")
 
     def search(self, semantic: np.ndarray, uncertainty: np.ndarray, *, k: int = 10,
                rerank: str = "none", shortlist: int = 100, nprobe: int | None = None,
@@ -204,14 +211,15 @@ class SearchService:
 
         ``exclude``: an item left out of the results (the query itself, when it is indexed).
         """
-        self.check_params(k, rerank, shortlist)
+        self.check_params(k, rerank, shortlist, ef_search)
         try:
             result = search(self.index, semantic, uncertainty, k,
                             rerank=None if rerank == "none" else rerank, shortlist=shortlist,
                             ism=self.embedder.ism, exclude=[exclude], nprobe=nprobe,
                             ef_search=ef_search)
         except IdmlError as exc:  # nprobe / ef_search out of range or for another kind
-            raise RequestError(422, str(exc)) from exc
+            raise RequestError(422, str(exc), "nprobe" if nprobe is not None else "ef_search") \
+                from exc
         query = result.queries[0]
         return {"confidence": self.confidence(query.uncertainty),
                 "semantic_gap": query.semantic_gap, "k": k, "rerank": rerank,
