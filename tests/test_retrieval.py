@@ -342,3 +342,9 @@ def test_search_widths_survive_faiss_torch_utils():
     assert search(index, q, index.uncertainty[:8], 5, ef_search=64).ids() == \
         search(index, q, index.uncertainty[:8], 5, ef_search=64).ids()
     assert search(index, q, index.uncertainty[:8], 5, exclude=list(range(8))).ids()[0][0] != 0
+
+
+def test_search_width_out_of_a_c_int_is_refused():
+    index = build_index(random_set(n=200), "hnsw", hnsw_m=8)
+    with pytest.raises(ValueError, match=r"ef_search must be in \[1, 2\^31\)"):
+        search(index, index.semantic[:1], index.uncertainty[:1], 3, ef_search=2**40)

@@ -123,8 +123,8 @@ def search_parameters(index: RetrievalIndex, fetch: int, *, nprobe: int | None =
         return faiss.SearchParametersIVF(nprobe=nprobe)
     if index.kind == "hnsw":
         ef_search = int(index.params["ef_search"]) if ef_search is None else ef_search
-        if ef_search < 1:
-            raise IdmlError(f"ef_search must be >= 1, got {ef_search}")
+        if not 1 <= ef_search < 2**31:  # faiss keeps it in a C int
+            raise IdmlError(f"ef_search must be in [1, 2^31), got {ef_search}")
         return faiss.SearchParametersHNSW(efSearch=max(ef_search, fetch))
     return None
 
