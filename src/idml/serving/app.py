@@ -142,8 +142,7 @@ class _Runner:
 
 def create_app(service: SearchService) -> Any:
     """The ASGI app serving ``service`` (FastAPI, wrapped in :class:`BodyLimit`)."""
-    runner = _Runner(service)
-    page = _page()
+    runner, page = _Runner(service), _page()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -158,6 +157,14 @@ def create_app(service: SearchService) -> Any:
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
         return _refusal(exc)
+
+    _add_item_routes(app, service, page)
+    _add_search_route(app, service, runner)
+    return BodyLimit(app, service.limits.max_upload_bytes)
+
+
+def _add_item_routes(app: FastAPI, service: SearchService, page: str) -> None:
+    """The page, ``/health``, ``/info`` and the ``/items`` routes."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page() -> HTMLResponse:
@@ -192,6 +199,9 @@ def create_app(service: SearchService) -> Any:
         data, mime = service.thumbnail(item)
         return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
 
+
+def _add_search_route(app: FastAPI, service: SearchService, runner: _Runner) -> None:
+    """``POST /search``: decoding, the forward and the search under ``runner``'s limits."""
     lim = service.limits
 
     @app.post("/search", responses=_documented(400, 404, 413, 415, 503))
@@ -228,8 +238,6 @@ def create_app(service: SearchService) -> Any:
 
         result = await runner(work)
         return {**result, "took_ms": 1000.0 * (time.perf_counter() - started)}
-
-    return BodyLimit(app, service.limits.max_upload_bytes)
 
 
 def run(service: SearchService, host: str = "127.0.0.1", port: int = 8000,
