@@ -268,21 +268,10 @@ def knn(
         return knn_float32(query, reference, k, exclude_self=exclude_self, chunk_size=chunk_size)
     device = query.device
     query, reference = query.float(), reference.float()
-    dim = reference.shape[1]
-    gamma = dim * FP32_UNIT_ROUNDOFF / (1 - dim * FP32_UNIT_ROUNDOFF)  # float32 accumulation
-    c = BF16_UNIT_ROUNDOFF / (1 - BF16_UNIT_ROUNDOFF)  # rounding of each product to bfloat16
-
     with float32_region(device), _full_precision_reductions(device):
         ref_b = reference.to(torch.bfloat16)
         query_b = ref_b if exclude_self else query.to(torch.bfloat16)
-        # |bf16(q).bf16(r) - q.r| <= ||q - bf16(q)|| ||bf16(r)|| + ||q|| ||r - bf16(r)||
-        ref_err = (reference - ref_b.float()).norm(dim=1).max().item() * _SLACK
-        ref_norm = ref_b.float().norm(dim=1).max().item() * _SLACK
-        q_err = (query - query_b.float()).norm(dim=1).double() * _SLACK
-        q_b_norm = query_b.float().norm(dim=1).double() * _SLACK
-        q_norm = query.norm(dim=1).double() * _SLACK
-        delta = q_err * ref_norm + q_norm * ref_err + gamma * q_b_norm * ref_norm
-
+        delta = _error_bounds(query, query_b, reference, ref_b)
         length = min(available, k + pad)
         if exclude_self and reference.shape[0] > 2 * max(chunk_size, length + 1):
             vals, cand = _bf16_shortlists_self(ref_b, length, block=max(chunk_size, length + 1))
@@ -290,41 +279,72 @@ def knn(
             self_index = torch.arange(query.shape[0], device=device) if exclude_self else None
             vals, cand = _bf16_shortlists(query_b, ref_b, length, self_index, chunk_size)
         exact = _exact_dtype(device)
-        top_s = torch.empty(query.shape[0], k, dtype=exact, device=device)
-        top_i = torch.empty(query.shape[0], k, dtype=torch.long, device=device)
+        top = (torch.empty(query.shape[0], k, dtype=exact, device=device),
+               torch.empty(query.shape[0], k, dtype=torch.long, device=device))
         pending = torch.arange(query.shape[0], device=device)
         while True:
-            v, d = vals.double(), delta[pending, None]
-            lower_k = v[:, k - 1 : k] - d - c * v[:, k - 1 : k].abs()
-            upper = v + d + c * v.abs()  # the best possible true scores
-            if length < available:
-                proven = (upper[:, -1:] < lower_k).squeeze(1)
-            else:
-                proven = torch.ones(len(pending), dtype=torch.bool, device=device)
-            needed = (upper[proven] >= lower_k[proven]).sum(dim=1)
-            by_need = torch.argsort(needed)  # blocks of rows with similar prefix lengths
-            needed, done_cand = needed[by_need], cand[proven][by_need]
-            done = pending[proven][by_need]
-            for s in range(0, len(done), chunk_size):
-                part = slice(s, s + chunk_size)
-                top_s[done[part]], top_i[done[part]] = _rescore(
-                    query[done[part]], reference, done_cand[part], k, needed[part])
+            proven = _settle_proven(query, reference, vals, cand, delta[pending], pending, k,
+                                    length >= available, chunk_size, top)
             pending = pending[~proven]
             if not len(pending):
                 break
             if length * 8 > MAX_SHORTLIST:  # rare: a plateau of near-equal scores
                 for s in range(0, len(pending), 256):
                     rows = pending[s : s + 256]
-                    top_s[rows], top_i[rows] = _exact_rows(
+                    top[0][rows], top[1][rows] = _exact_rows(
                         query[rows], reference, k, rows if exclude_self else None)
                 break
             length = min(available, length * 8)
             vals, cand = _bf16_shortlists(query_b[pending], ref_b, length,
                                           pending if exclude_self else None, chunk_size)
-    return top_s.float(), top_i
+    return top[0].float(), top[1]
 
 
-@torch.no_grad()
+def _error_bounds(query: torch.Tensor, query_b: torch.Tensor, reference: torch.Tensor,
+                  ref_b: torch.Tensor) -> torch.Tensor:
+    """Per query (float64 ``[Q]``), a bound on how far its float32-accumulated bfloat16
+    products with any reference can be from the exact ones:
+    ``|bf16(q).bf16(r) - q.r| <= ||q - bf16(q)|| ||bf16(r)|| + ||q|| ||r - bf16(r)||``,
+    plus the float32 accumulation error."""
+    dim = reference.shape[1]
+    gamma = dim * FP32_UNIT_ROUNDOFF / (1 - dim * FP32_UNIT_ROUNDOFF)  # float32 accumulation
+    ref_err = (reference - ref_b.float()).norm(dim=1).max().item() * _SLACK
+    ref_norm = ref_b.float().norm(dim=1).max().item() * _SLACK
+    q_err = (query - query_b.float()).norm(dim=1).double() * _SLACK
+    q_b_norm = query_b.float().norm(dim=1).double() * _SLACK
+    q_norm = query.norm(dim=1).double() * _SLACK
+    return q_err * ref_norm + q_norm * ref_err + gamma * q_b_norm * ref_norm
+
+
+def _settle_proven(query: torch.Tensor, reference: torch.Tensor, vals: torch.Tensor,
+                   cand: torch.Tensor, delta: torch.Tensor, pending: torch.Tensor, k: int,
+                   complete: bool, chunk_size: int,
+                   top: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Re-score, into ``top``, the rows of ``pending`` whose bfloat16 shortlist (``vals``,
+    ``cand``) provably holds their true top ``k``; return which rows were proven.
+
+    A row is proven when even the best possible true score of its last candidate is below the
+    worst possible true score of its k-th (or when the shortlist holds every reference,
+    ``complete``). Only the candidates that can still beat the k-th are re-scored.
+    """
+    c = BF16_UNIT_ROUNDOFF / (1 - BF16_UNIT_ROUNDOFF)  # rounding of each product to bfloat16
+    v, d = vals.double(), delta[:, None]
+    lower_k = v[:, k - 1 : k] - d - c * v[:, k - 1 : k].abs()
+    upper = v + d + c * v.abs()  # the best possible true scores
+    if complete:
+        proven = torch.ones(len(pending), dtype=torch.bool, device=pending.device)
+    else:
+        proven = (upper[:, -1:] < lower_k).squeeze(1)
+    needed = (upper[proven] >= lower_k[proven]).sum(dim=1)
+    by_need = torch.argsort(needed)  # blocks of rows with similar prefix lengths
+    needed, done_cand, done = needed[by_need], cand[proven][by_need], pending[proven][by_need]
+    for s in range(0, len(done), chunk_size):
+        part = slice(s, s + chunk_size)
+        top[0][done[part]], top[1][done[part]] = _rescore(
+            query[done[part]], reference, done_cand[part], k, needed[part])
+    return proven
+
+
 def knn_float32(
     query: torch.Tensor,
     reference: torch.Tensor,
