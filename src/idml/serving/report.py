@@ -181,23 +181,13 @@ def collect_report_data(
     splits = splits_from_config(cfg, model.input_spec, log or quiet)
     model.to(dev)
 
-    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return compute_embeddings(model, data, cfg.eval_batch_size, dev, cfg.precision,
-                                  cfg.num_workers)
-
-    queries = splits.test if splits.test is not None else splits.query
-    reference = splits.gallery if splits.test is None else None
+    queries, reference = splits.test if splits.test is not None else splits.query, None
+    if splits.test is None:
+        reference = splits.gallery
     if queries is None:
         raise ReportError(f"{run_dir}: the data set has no test or query split")
-    sem, unc, labels = embed(queries)
-    if reference is not None:
-        gsem, _, glabels = embed(reference)
-        correct = query_correct(sem, labels, gallery=gsem, gallery_labels=glabels)
-        gap = semantic_confidence(sem, gallery=gsem)
-    else:
-        gsem, glabels = sem, labels
-        correct = query_correct(sem, labels)
-        gap = semantic_confidence(sem)
+    sem, unc, labels, gsem, glabels, correct, gap = _embed_for_report(
+        model, cfg, dev, queries, reference)
     scores = uncertainty_score(unc).numpy().astype(np.float64)
     correct_np = correct.cpu().numpy().astype(bool)
     curves = _confidence_curves(scores, correct_np, gap.cpu().numpy())
@@ -224,6 +214,25 @@ def collect_report_data(
         overlap=None if train_paths is None or test_paths is None else shared_images(
             train_paths, test_paths),
     )
+
+
+def _embed_for_report(model: torch.nn.Module, cfg: Any, dev: torch.device, queries: Dataset,
+                      reference: Dataset | None) -> tuple[torch.Tensor, ...]:
+    """Embeddings of the queries (and of the gallery, where there is one): ``(sem, unc,
+    labels, gallery sem, gallery labels, nearest neighbour right, semantic gap)``; without a
+    gallery the queries search each other, leaving themselves out."""
+    def embed(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_embeddings(model, data, cfg.eval_batch_size, dev, cfg.precision,
+                                  cfg.num_workers)
+
+    sem, unc, labels = embed(queries)
+    if reference is None:
+        return (sem, unc, labels, sem, labels, query_correct(sem, labels),
+                semantic_confidence(sem))
+    gsem, _, glabels = embed(reference)
+    return (sem, unc, labels, gsem, glabels,
+            query_correct(sem, labels, gallery=gsem, gallery_labels=glabels),
+            semantic_confidence(sem, gallery=gsem))
 
 
 def _suspects(trained: TrainedModel, count: int, device: str
