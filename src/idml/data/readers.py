@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from idml.data.cache import cache_root, extract_once
 from idml.data.records import (
     IMAGE_SUFFIXES,
+    INTEGER,
     DatasetError,
     DatasetSplits,
     Records,
@@ -55,10 +56,9 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _parse_int(text: str, where: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise DatasetError(f"{where}: {what} {text!r} is not an integer") from None
+    if not INTEGER.fullmatch(text):
+        raise DatasetError(f"{where}: {what} {text!r} is not an integer")
+    return int(text)
 
 
 def _check_exist(paths: Sequence[Path], where: Sequence[str], dataset: str) -> None:
@@ -110,7 +110,7 @@ def _images_in(folder: Path) -> list[Path]:
     return images
 
 
-_ID_PREFIX = re.compile(r"^\d+\.")
+_ID_PREFIX = re.compile(r"^[0-9]+\.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def read_sop(root: Path) -> DatasetSplits:
 # ----------------------------------------------------------------------------------------------
 # In-Shop Clothes Retrieval
 
-_ITEM_ID = re.compile(r"^id_(\d+)$")
+_ITEM_ID = re.compile(r"^id_([0-9]+)$")
 INSHOP_HEADER = ["image_name", "item_id", "evaluation_status"]
 
 
@@ -381,7 +381,7 @@ def read_omniglot(root: Path) -> DatasetSplits:
 
 FLOWERS_LABELS = "imagelabels.mat"
 FLOWERS_TRAIN_LAST = 51  # classes 1-51 train, 52-102 test (zero-shot, as CUB and Cars)
-_FLOWERS_CLASS = re.compile(r"^(\d{3})\.(.+)$")
+_FLOWERS_CLASS = re.compile(r"^([0-9]{3})\.(.+)$")
 
 
 def _is_official_flowers(folder: Path) -> bool:

@@ -90,7 +90,9 @@ def descend_wrapper(folder: Path) -> Path:
     return folder
 
 
-_INTEGER = re.compile(r"-?[0-9]+")
+#: An integer as the data sets' text files write one: ASCII digits, no separators or
+#: padding (``int()`` would also take "1_0", " 7" and other scripts' digits).
+INTEGER = re.compile(r"-?[0-9]+")
 
 
 def ordered_labels(labels: Iterable[str]) -> list[str]:
@@ -101,7 +103,7 @@ def ordered_labels(labels: Iterable[str]) -> list[str]:
     """
     unique = set(labels)
     # ASCII integers only: Python's int() also takes "1_0", " 1" and other scripts' digits
-    if all(_INTEGER.fullmatch(s) for s in unique):
+    if all(INTEGER.fullmatch(s) for s in unique):
         return sorted(unique, key=lambda s: (int(s), s))
     return sorted(unique)
 
