@@ -319,12 +319,17 @@ def test_damaged_thumbnails_are_refused_at_load(digits_served, tmp_path):
     folder, _ = digits_served
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    (copy / "thumbnails.npz").write_bytes(b"garbage")
-    with pytest.raises(IdmlError, match="thumbnails.npz is damaged"):
-        load_index(copy)
-    (copy / "thumbnails.npz").unlink()
-    with pytest.raises(IdmlError, match="lacks thumbnails.npz"):
-        load_index(copy)
+    for name in ("thumbnails.npy", "thumbnail_offsets.npy"):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(folder, copy)
+        (copy / name).write_bytes(b"garbage")
+        with pytest.raises(IdmlError, match=f"{name} is damaged"):
+            load_index(copy)
+        (copy / name).unlink()
+        with pytest.raises(IdmlError, match=f"lacks {name}"):
+            load_index(copy)
+    loaded = load_index(folder)
+    assert isinstance(loaded.thumbnails.data, np.memmap)  # stays on disk until shown
 
 
 @pytest.mark.parametrize("flags,says", [

@@ -5,9 +5,10 @@ The index searches the unit-norm semantic embeddings by inner product (= cosine)
 ``nprobe`` cells visited per query) or ``hnsw`` (``IndexHNSWFlat``, a proximity graph).
 
 An index folder holds ``index.faiss`` (``faiss.write_index``), ``embeddings.npz`` (semantic
-and uncertainty arrays, for re-ranking), optionally ``thumbnails.npz`` (the items' thumbnails,
-:mod:`idml.serving.thumbnails`) and ``meta.json`` (kind, parameters, the model fingerprint,
-dimensions, count, paths, labels, class names, SHA-256 of the other files).
+and uncertainty arrays, for re-ranking), optionally ``thumbnails.npy`` and
+``thumbnail_offsets.npy`` (the items' thumbnails, :mod:`idml.serving.thumbnails`) and
+``meta.json`` (kind, parameters, the model fingerprint, dimensions, count, paths, labels,
+class names, SHA-256 of the other files).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ INDEX_FORMAT = "idml-index"
 INDEX_VERSION = 1
 KINDS = ("exact", "ivf", "hnsw")
 INDEX_FILE, ARRAYS_FILE, META_FILE = "index.faiss", "embeddings.npz", "meta.json"
-THUMBS_FILE = "thumbnails.npz"
+#: Thumbnails: the encoded bytes one after another (memory-mapped when loaded, so a large
+#: index's thumbnails stay on disk until shown) and the offsets of each item's.
+THUMBS_FILE, THUMB_OFFSETS_FILE = "thumbnails.npy", "thumbnail_offsets.npy"
+_THUMB_FILES = (THUMBS_FILE, THUMB_OFFSETS_FILE)
 _FAISS_TYPES = {"exact": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
 
 
@@ -172,7 +176,7 @@ def is_index_folder(path: str | os.PathLike) -> bool:
     names = {p.name for p in folder.iterdir()}
     if not names:
         return True
-    if not names <= {INDEX_FILE, ARRAYS_FILE, META_FILE, THUMBS_FILE}:
+    if not names <= {INDEX_FILE, ARRAYS_FILE, META_FILE, *_THUMB_FILES}:
         return False
     try:
         return json.loads((folder / META_FILE).read_text()).get("format") == INDEX_FORMAT
@@ -182,7 +186,7 @@ def is_index_folder(path: str | os.PathLike) -> bool:
 
 def save_index(index: RetrievalIndex, directory: str | os.PathLike) -> Path:
     """Write ``index`` into ``directory``: index.faiss, embeddings.npz, meta.json (and
-    thumbnails.npz where it has thumbnails).
+    the thumbnail files where it has thumbnails).
 
     The folder is written whole beside its place and renamed into it, so readers see the
     old index or the new one, never a mix; an interrupted write leaves no temporary folder.
@@ -200,8 +204,8 @@ def _write_index_files(index: RetrievalIndex, folder: Path) -> None:
         fh, semantic=index.semantic, uncertainty=index.uncertainty))
     thumbs = index.thumbnails
     if thumbs is not None:
-        atomic_write(folder / THUMBS_FILE, lambda fh: np.savez(
-            fh, data=thumbs.data, offsets=thumbs.offsets))
+        atomic_write(folder / THUMBS_FILE, lambda fh: np.save(fh, thumbs.data))
+        atomic_write(folder / THUMB_OFFSETS_FILE, lambda fh: np.save(fh, thumbs.offsets))
     meta = {
         **index.meta,
         "format": INDEX_FORMAT,
@@ -215,7 +219,8 @@ def _write_index_files(index: RetrievalIndex, folder: Path) -> None:
         "paths": index.paths,
         "labels": index.labels.tolist(),
         "sha256": {name: sha256_file(folder / name)
-                   for name in (INDEX_FILE, ARRAYS_FILE, THUMBS_FILE) if (folder / name).is_file()},
+                   for name in (INDEX_FILE, ARRAYS_FILE, *_THUMB_FILES)
+                   if (folder / name).is_file()},
     }
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
 
@@ -246,7 +251,8 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
     semantic, uncertainty = arrays["semantic"], arrays["uncertainty"]
     thumbnails = None
     if THUMBS_FILE in meta["sha256"]:
-        thumbnails = Thumbnails(**_read_arrays(folder / THUMBS_FILE, ("data", "offsets")))
+        thumbnails = Thumbnails(_read_npy(folder / THUMBS_FILE, mmap=True),
+                                _read_npy(folder / THUMB_OFFSETS_FILE))
     labels = np.asarray(meta["labels"], dtype=np.int64)
     problems = _inconsistencies(index, meta, semantic, uncertainty, labels)
     if thumbnails is not None:
@@ -259,6 +265,15 @@ def load_index(directory: str | os.PathLike) -> RetrievalIndex:
         uncertainty=uncertainty, paths=[str(p) for p in meta["paths"]], labels=labels,
         meta=keep, location=str(folder), thumbnails=thumbnails,
     )
+
+
+def _read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """The array of the ``.npy`` file ``path`` (memory-mapped, read-only, with ``mmap``); a
+    bad file raises :class:`IndexFormatError` naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:
+        raise IndexFormatError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -291,10 +306,13 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta["sha256"], dict):
         raise IndexFormatError(f"{meta_path}: field sha256 must map file names to digests, "
                                f"got {type(meta['sha256']).__name__}")
-    if THUMBS_FILE in meta["sha256"] and not (folder / THUMBS_FILE).is_file():
-        raise IndexFormatError(f"index folder {folder} lacks {THUMBS_FILE}, which {meta_path} "
-                               "lists")
-    for name in (INDEX_FILE, ARRAYS_FILE, THUMBS_FILE):
+    for name in _THUMB_FILES:
+        if (THUMBS_FILE in meta["sha256"]) != (name in meta["sha256"]):
+            raise IndexFormatError(f"{meta_path} lists one thumbnail file without the other")
+        if name in meta["sha256"] and not (folder / name).is_file():
+            raise IndexFormatError(f"index folder {folder} lacks {name}, which {meta_path} "
+                                   "lists")
+    for name in (INDEX_FILE, ARRAYS_FILE, *_THUMB_FILES):
         expected = meta["sha256"].get(name)
         if expected is not None and sha256_file(folder / name) != expected:
             raise IndexFormatError(f"{folder / name} is damaged or was replaced: its SHA-256 "

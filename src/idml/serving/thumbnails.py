@@ -2,8 +2,9 @@
 
 An item's image is its file, or for the embedded digits (which have no files) the 8x8 bitmap
 its name points to (:func:`idml.data.digits.digit_image`). Thumbnails are encoded (JPEG for
-photos, PNG for small or upscaled images) and packed into one byte array with offsets, the
-``thumbnails.npz`` of an index folder, so a server never opens a path to show an item.
+photos, PNG for small or upscaled images) and packed into one byte array with offsets (an
+index folder's ``thumbnails.npy``, memory-mapped when served, and ``thumbnail_offsets.npy``),
+so a server never opens a path to show an item.
 """
 
 from __future__ import annotations
