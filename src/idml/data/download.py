@@ -548,6 +548,51 @@ def _check_free_space(partial: Path, file: DatasetFile) -> None:
         )
 
 
+def _open(url: str, partial: Path, file: DatasetFile, have: int, timeout: float) -> Any:
+    """The response to a request for ``url`` from byte ``have`` on; ``None`` when the server
+    says the range starts at the file's end (complete on disk). Raises _Retry where a new
+    attempt may succeed, DownloadError where it cannot."""
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                      timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            if exc.code == 416 and have:
+                match = _CONTENT_RANGE_UNSATISFIED.fullmatch(exc.headers.get("Content-Range", ""))
+                if match is None or int(match[1]) == have:
+                    return None  # the range starts at the end: the file is complete on disk
+                partial.unlink()
+                raise _Retry(f"server refused to resume at byte {have} of {match[1]}") from exc
+            message = f"{file.filename}: HTTP {exc.code} {exc.reason} for {url}"
+            if exc.code in (408, 425, 429) or exc.code >= 500:
+                raise _Retry(message) from exc
+            raise DownloadError(message) from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+        raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _append_body(response: Any, partial: Path, name: str, have: int, total: int | None,
+                 progress: bool) -> None:
+    """Write the response body to ``partial`` (appended after ``have`` bytes, else anew)."""
+    bar_args = {"total": total, "initial": have, "unit": "B", "unit_scale": True}
+    with (
+        open(partial, "ab" if have else "wb") as out,
+        _bar(progress, desc=name, unit_divisor=1024, **bar_args) as bar,
+    ):
+        while True:
+            try:
+                chunk = response.read(CHUNK_BYTES)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Retry(f"connection lost after {out.tell()} bytes: {exc}") from exc
+            if not chunk:
+                break
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
 def _fetch_once(
     url: str, partial: Path, file: DatasetFile, *, progress: bool, timeout: float
 ) -> None:
@@ -558,26 +603,9 @@ def _fetch_once(
         have = 0
     if file.size is not None and have == file.size:
         return  # complete on disk; the checksum decides
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            if exc.code == 416 and have:
-                match = _CONTENT_RANGE_UNSATISFIED.fullmatch(exc.headers.get("Content-Range", ""))
-                if match is None or int(match[1]) == have:
-                    return  # the range starts at the end: the file is complete on disk
-                partial.unlink()
-                raise _Retry(f"server refused to resume at byte {have} of {match[1]}") from exc
-            message = f"{file.filename}: HTTP {exc.code} {exc.reason} for {url}"
-            if exc.code in (408, 425, 429) or exc.code >= 500:
-                raise _Retry(message) from exc
-            raise DownloadError(message) from exc
-    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
-        raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+    response = _open(url, partial, file, have, timeout)
+    if response is None:
+        return
     with response:
         total = _response_total(response, partial, have, file)
         if response.status == 200:
@@ -588,20 +616,7 @@ def _fetch_once(
                 f"{file.filename}: {url} returned an HTML page, not the file (a login, quota or "
                 "error page?)"
             )
-        bar_args = {"total": total, "initial": have, "unit": "B", "unit_scale": True}
-        with (
-            open(partial, "ab" if have else "wb") as out,
-            _bar(progress, desc=file.filename, unit_divisor=1024, **bar_args) as bar,
-        ):
-            while True:
-                try:
-                    chunk = response.read(CHUNK_BYTES)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _Retry(f"connection lost after {out.tell()} bytes: {exc}") from exc
-                if not chunk:
-                    break
-                out.write(chunk)
-                bar.update(len(chunk))
+        _append_body(response, partial, file.filename, have, total, progress)
     got = partial.stat().st_size
     if total is not None and got < total:
         raise _Retry(f"connection closed at byte {got} of {total}")

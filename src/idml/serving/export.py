@@ -160,22 +160,13 @@ def export_onnx(
     path = _prepare_target(path)
     meta = json.dumps(input_metadata(model, example))
     with _eval_copy(model) as net, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        for category in (FutureWarning, UserWarning, DeprecationWarning,
+                         torch.jit.TracerWarning):
+            warnings.simplefilter("ignore", category)
         size = sum(p.numel() * p.element_size() for p in net.parameters())
         try:
             if legacy:
-                with atomic_path(path) as tmp:
-                    torch.onnx.export(
-                        net, (example,), os.fspath(tmp), dynamo=False, opset_version=opset,
-                        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                        dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
-                    )
-                    proto = onnx.load(os.fspath(tmp))
-                    proto.metadata_props.add(key=METADATA_KEY, value=meta)
-                    onnx.save(proto, os.fspath(tmp))
+                _export_torchscript_based(net, example, path, opset, meta)
             else:
                 program = torch.onnx.export(
                     net, (example,), None, dynamo=True, verbose=False, opset_version=opset,
@@ -197,6 +188,22 @@ def export_onnx(
         if got != opset:
             raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got} ({path})")
     return path
+
+
+def _export_torchscript_based(net: torch.nn.Module, example: torch.Tensor, path: Path,
+                              opset: int, meta: str) -> None:
+    """ONNX at an opset below the ``torch.export``-based exporter's, with the deprecated
+    TorchScript-based exporter; the metadata is added to the written file."""
+    onnx = require("onnx", "ONNX export")
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            net, (example,), os.fspath(tmp), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
+        )
+        proto = onnx.load(os.fspath(tmp))
+        proto.metadata_props.add(key=METADATA_KEY, value=meta)
+        onnx.save(proto, os.fspath(tmp))
 
 
 def export_torchscript(model: IntrospectiveNet, path: str | Path, example: torch.Tensor) -> Path:
