@@ -267,8 +267,9 @@ def test_a_slow_search_is_503_and_the_server_stays_bounded(loaded):
             return await asyncio.gather(c.post("/search", files=upload),
                                         c.post("/search", files=upload))
 
-    statuses = sorted(r.status_code for r in asyncio.run(go()))
-    assert statuses == [503, 503]  # one timed out, one found the only slot taken
+    answers = asyncio.run(go())
+    assert sorted(r.status_code for r in answers) == [503, 503]  # a timeout, a full slot
+    assert all(r.headers["retry-after"] == "1" for r in answers)
     details = [r.json()["detail"] for r in asyncio.run(go())]
     assert any("longer than 0.1 s" in d for d in details)
     assert any("busy" in d for d in details)

@@ -106,7 +106,8 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def _refusal(exc: RequestError) -> JSONResponse:
     """``exc`` as a response; a 422 in FastAPI's validation shape, naming the field."""
     if exc.status != 422:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        retry = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=retry)
     loc = ["body"] if exc.field is None else ["body", exc.field]
     return JSONResponse({"detail": [{"type": "value_error", "loc": loc, "msg": str(exc)}]},
                         status_code=422)
