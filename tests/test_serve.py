@@ -363,3 +363,23 @@ def test_no_request_gets_a_5xx(client, fields, upload):
     files = None if upload is None else {"file": ("f", upload, "application/octet-stream")}
     r = client.post("/search", data={k: str(v) for k, v in fields.items()}, files=files)
     assert r.status_code in (200, 400, 404, 413, 415, 422), r.text
+
+
+def test_embedded_paths_are_absolute_so_thumbnails_are_found_from_anywhere(
+        digits_served, tmp_path, monkeypatch):
+    _, ckpt = digits_served
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    from idml.data.digits import digit_image
+
+    for label, first in (("a", 0), ("b", 10)):
+        (work / "gallery" / label).mkdir(parents=True)
+        for i in range(3):
+            digit_image(f"digits/test/{first + i:04d}").save(work / "gallery" / label / f"{i}.png")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["embed", str(ckpt), "gallery", "--out", "e.npz", "--device", "cpu"]) == 0
+    monkeypatch.chdir(elsewhere)  # index from another folder: the paths must still resolve
+    assert main(["index", str(work / "e.npz"), "--out", "idx"]) == 0
+    index = load_index(elsewhere / "idx")
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in index.paths)
+    assert index.thumbnails.missing == 0

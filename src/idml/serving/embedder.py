@@ -231,12 +231,13 @@ def embed_source(
     embedder: Embedder, images: Source, batch_size: int | None = None, **meta: Any
 ) -> EmbeddingSet:
     """Embed every image of ``images``; ``meta`` adds fields (e.g. ``source``) to the
-    set's metadata."""
+    set's metadata. Paths are recorded absolute (resolved now, against the current folder),
+    so the file, its index and ``idml serve`` find the images from any folder."""
     semantic, uncertainty = embedder.embed(images.paths, batch_size=batch_size)
     return EmbeddingSet(
         semantic=semantic,
         uncertainty=uncertainty,
-        paths=np.array(images.paths, dtype=str).reshape(-1),
+        paths=np.array([os.path.abspath(p) for p in images.paths], dtype=str).reshape(-1),
         labels=np.asarray(images.labels, dtype=np.int64).reshape(-1),
         meta=make_meta(embedder, len(semantic), class_names=images.class_names, **meta),
     )

@@ -3,7 +3,8 @@ paths, labels and the fingerprint of the model that made them.
 
 A file (:func:`save_embeddings` / :func:`load_embeddings`) is an ``.npz`` readable with
 ``allow_pickle=False``: ``semantic`` float32 ``[N, D]``, ``uncertainty`` float32 ``[N, Du]``,
-``paths`` unicode ``[N]``, ``labels`` int64 ``[N]`` (-1 = unknown) and ``meta``, a JSON string
+``paths`` unicode ``[N]`` (absolute for image files), ``labels`` int64 ``[N]`` (-1 = unknown)
+and ``meta``, a JSON string
 (format ``idml-embeddings``, version 1, the model fingerprint, the checkpoint, the dimensions,
 the idml version, the class names of the labels where known).
 """
