@@ -301,17 +301,21 @@ def test_serve_warns_when_bound_beyond_localhost(digits_served, monkeypatch, cap
     assert "warning" not in capsys.readouterr().err and started["service"].show_paths is True
 
 
-def test_index_without_thumbnails_says_so(digits_served, tmp_path, loaded):
+def test_index_without_thumbnails_reads_the_indexed_images(digits_served, tmp_path, loaded):
     folder, ckpt = digits_served
     out = tmp_path / "bare"
     emb = Path(folder).parent / "test.npz"
     assert main(["index", str(emb), "--out", str(out), "--no-thumbnails"]) == 0
     bare = load_index(out)
-    assert bare.thumbnails is None
+    assert bare.thumbnails is None and not (out / "thumbnails.npy").exists()
     client = TestClient(create_app(SearchService(bare, loaded[1])))
-    assert client.get("/items/3").json()["thumbnail"] is None
-    r = client.get("/items/3/thumbnail")
-    assert r.status_code == 404 and "--no-thumbnails" in r.json()["detail"]
+    assert client.get("/items/3").json()["thumbnail"] == "/items/3/thumbnail"
+    r = client.get("/items/3/thumbnail")  # made now from the digit: the stored one's bytes
+    assert r.status_code == 200 and r.content == loaded[0].thumbnails.get(3)[0]
+    bare.paths[4] = str(tmp_path / "gone.png")  # an image that is no longer there
+    r = client.get("/items/4/thumbnail")
+    assert r.status_code == 404 and "could not be read now" in r.json()["detail"]
+    assert "gone.png" not in r.text
 
 
 def test_damaged_thumbnails_are_refused_at_load(digits_served, tmp_path):

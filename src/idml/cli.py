@@ -370,7 +370,8 @@ def _add_retrieval_parsers(sub: Any) -> None:
     idx.add_argument("--ef-search", type=_positive_int, metavar="N",
                      help="hnsw: search beam width [128]")
     idx.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
-                     help="store no thumbnails of the items (`idml serve` shows them otherwise)")
+                     help="store no thumbnails of the items (`idml serve` then makes them from the "
+                          "indexed image files when asked)")
 
     sea = sub.add_parser("search", help="search an index with query images")
     sea.add_argument("index", help="folder written by `idml index`")

@@ -28,6 +28,7 @@ from idml.data.images import to_storage_mode
 from idml.serving.embedder import Embedder
 from idml.serving.index import RetrievalIndex
 from idml.serving.search import RERANKS, Hit, check_compatible, search
+from idml.serving.thumbnails import file_thumbnail
 
 #: The confidence the service reports, in words.
 CONFIDENCE_NAME = "uncertainty ||u||^2"
@@ -156,7 +157,8 @@ class SearchService:
         """An indexed item's metadata (label, uncertainty, confidence, thumbnail URL)."""
         i = self._check_id(item)
         label = int(self.index.labels[i])
-        has_thumb = self.index.thumbnails is not None and self.index.thumbnails.get(i)
+        # without stored thumbnails, the image file is read when its thumbnail is asked for
+        has_thumb = self.index.thumbnails is None or self.index.thumbnails.has(i)
         return {"id": i, "label": label, "label_name": self.index.label_name(label),
                 "confidence": self.confidence(self.scores[i]),
                 "thumbnail": f"/items/{i}/thumbnail" if has_thumb else None,
@@ -171,14 +173,16 @@ class SearchService:
         return {"total": len(self.index), "items": [self.item(i) for i in ids]}
 
     def thumbnail(self, item: int) -> tuple[bytes, str]:
-        """An item's thumbnail bytes and MIME type, made when the index was built."""
+        """An item's thumbnail bytes and MIME type: made when the index was built, or for an
+        index built without them, now from the image at the item's indexed path (recorded
+        absolute at embed time; never a path from the request)."""
         i = self._check_id(item)
-        found = None if self.index.thumbnails is None else self.index.thumbnails.get(i)
+        stored = self.index.thumbnails
+        found = file_thumbnail(self.index.paths[i]) if stored is None else stored.get(i)
         if found is None:
-            why = ("the index was built without thumbnails (idml index --no-thumbnails)"
-                   if self.index.thumbnails is None else "its image could not be read "
-                   "when the index was built")
-            raise RequestError(404, f"item {i} has no thumbnail: {why}")
+            when = "now" if stored is None else "when the index was built"
+            raise RequestError(404, f"item {i} has no thumbnail: its image could not be read "
+                                    f"{when}")
         return found
 
     # -- searching ----------------------------------------------------------------------------

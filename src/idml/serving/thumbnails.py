@@ -9,6 +9,7 @@ so a server never opens a path to show an item.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -66,6 +67,24 @@ def encode_thumbnail(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def mime_of(blob: bytes) -> str:
+    """The MIME type of an encoded thumbnail, by its first bytes."""
+    return next((m for magic, m in _MIME.items() if blob.startswith(magic)),
+                "application/octet-stream")
+
+
+@functools.lru_cache(maxsize=4096)
+def file_thumbnail(path: str) -> tuple[bytes, str] | None:
+    """The thumbnail of an indexed item made now from its image (:func:`item_image`), for
+    indexes built without thumbnails; ``None`` if the image cannot be read. The last 4,096
+    are kept (a few KB each)."""
+    img = item_image(path)
+    if img is None:
+        return None
+    blob = encode_thumbnail(img)
+    return blob, mime_of(blob)
+
+
 @dataclass
 class Thumbnails:
     """Encoded thumbnails of ``len(offsets) - 1`` items; an empty slice: no thumbnail."""
@@ -87,9 +106,11 @@ class Thumbnails:
         if end == start:
             return None
         blob = self.data[start:end].tobytes()
-        mime = next((m for magic, m in _MIME.items() if blob.startswith(magic)),
-                    "application/octet-stream")
-        return blob, mime
+        return blob, mime_of(blob)
+
+    def has(self, i: int) -> bool:
+        """Whether item ``i`` has a thumbnail."""
+        return bool(self.offsets[i + 1] > self.offsets[i])
 
     @classmethod
     def pack(cls, encoded: Sequence[bytes | None]) -> Thumbnails:
