@@ -197,7 +197,7 @@ def _add_item_routes(app: FastAPI, service: SearchService, page: str) -> None:
                         200: {"content": {"image/png": {}, "image/jpeg": {}}}})
     async def thumbnail(item: int) -> Response:
         """The item's thumbnail (PNG or JPEG), made when the index was built."""
-        data, mime = service.thumbnail(item)
+        data, mime = await run_in_threadpool(service.thumbnail, item)  # may decode a file
         return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
 
 
