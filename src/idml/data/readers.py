@@ -12,8 +12,6 @@ was expected: a data set is never silently smaller than what its metadata lists.
 
 from __future__ import annotations
 
-import csv as csv_module
-import io
 import math
 import os
 import re
@@ -32,7 +30,7 @@ from idml.data.records import (
     is_image,
     manifest_path,
     ordered_labels,
-    read_text_file,
+    read_manifest_table,
     subfolders,
 )
 
@@ -533,35 +531,28 @@ def _manifest_of(root: Path, csv: str | Path | None) -> Path:
 
 def _read_manifest(manifest: Path) -> tuple[list[_Row], bool]:
     """The rows of a ``path,label[,split]`` manifest and whether it has the split column."""
-    with io.StringIO(read_text_file(manifest), newline="") as f:
-        reader = csv_module.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
-        if repeated:
-            raise DatasetError(f"{manifest}:1: header repeats column(s) {', '.join(repeated)}")
-        missing = [c for c in ("path", "label") if c not in columns]
-        if missing:
+    columns, table = read_manifest_table(manifest)
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        raise DatasetError(
+            f"{manifest}:1: header lacks column(s) {', '.join(missing)}; expected "
+            f"'path,label[,split]', got {','.join(columns) or 'an empty file'!r}"
+        )
+    has_split = "split" in columns
+    rows = []
+    for at, row in table:
+        if None in row or any(row.get(c) is None for c in columns):
+            raise DatasetError(f"{at}: expected {len(columns)} fields ({','.join(columns)})")
+        for column in ("path", "label"):
+            if not row[column].strip():
+                raise DatasetError(f"{at}: field {column!r} is empty")
+        split = row["split"].strip().lower() if has_split else None
+        if has_split and split not in ("train", "test"):
             raise DatasetError(
-                f"{manifest}:1: header lacks column(s) {', '.join(missing)}; expected "
-                f"'path,label[,split]', got {','.join(columns) or 'an empty file'!r}"
+                f"{at}: field 'split' is {row['split']!r}; expected 'train' or 'test'"
             )
-        reader.fieldnames = columns
-        has_split = "split" in columns
-        rows = []
-        for row in reader:
-            at = f"{manifest}:{reader.line_num}"
-            if None in row or any(row.get(c) is None for c in columns):
-                raise DatasetError(f"{at}: expected {len(columns)} fields ({','.join(columns)})")
-            for column in ("path", "label"):
-                if not row[column].strip():
-                    raise DatasetError(f"{at}: field {column!r} is empty")
-            split = row["split"].strip().lower() if has_split else None
-            if has_split and split not in ("train", "test"):
-                raise DatasetError(
-                    f"{at}: field 'split' is {row['split']!r}; expected 'train' or 'test'"
-                )
-            path = manifest_path(manifest, row["path"].strip())
-            rows.append(_Row(path, row["label"].strip(), split, at))
+        path = manifest_path(manifest, row["path"].strip())
+        rows.append(_Row(path, row["label"].strip(), split, at))
     if not rows:
         raise DatasetError(f"{manifest}: no rows after the header")
     return rows, has_split

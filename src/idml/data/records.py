@@ -4,6 +4,8 @@ only a wrapper, in which order labels get their ids and where a manifest's paths
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -119,6 +121,20 @@ def read_text_file(path: Path) -> str:
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise DatasetError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column "
                            f"{column}); save the file as UTF-8") from None
+
+
+def read_manifest_table(manifest: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """A CSV manifest's column names (stripped; a repeated one is an error naming it) and its
+    rows, each as ``("<file>:<line>", {column: value})`` (:func:`read_text_file` decoding)."""
+    with io.StringIO(read_text_file(manifest), newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"{manifest}:1: header repeats column(s) {', '.join(repeated)}")
+        reader.fieldnames = columns
+        rows = [(f"{manifest}:{reader.line_num}", row) for row in reader]
+    return columns, rows
 
 
 def manifest_path(manifest: Path, text: str) -> Path:

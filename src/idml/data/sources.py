@@ -7,8 +7,6 @@ descent, the same label order. Unlike a data set, a source may be unlabelled (la
 
 from __future__ import annotations
 
-import csv as csv_module
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from idml.data.records import (
     is_image,
     manifest_path,
     ordered_labels,
-    read_text_file,
+    read_manifest_table,
 )
 from idml.data.registry import read_dataset
 
@@ -85,26 +83,19 @@ def folder_source(folder: str | os.PathLike) -> Source:
 
 def _manifest_rows(manifest: Path) -> list[tuple[str, str]]:
     """``(path, label)`` of each row; the label is ``""`` where absent."""
-    with io.StringIO(read_text_file(manifest), newline="") as fh:
-        reader = csv_module.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
-        if repeated:
-            raise DatasetError(f"{manifest}:1: header repeats column(s) {', '.join(repeated)}")
-        if "path" not in columns:
-            raise DatasetError(f"{manifest}:1: header lacks a 'path' column; expected "
-                               f"'path,label', got {','.join(columns) or 'an empty file'!r}")
-        reader.fieldnames = columns
-        rows = []
-        for row in reader:
-            at = f"{manifest}:{reader.line_num}"
-            text = (row.get("path") or "").strip()
-            if not text:
-                raise DatasetError(f"{at}: field 'path' is empty")
-            path = manifest_path(manifest, text)
-            if not path.is_file():
-                raise DatasetError(f"{at}: image {path} does not exist")
-            rows.append((str(path), (row.get("label") or "").strip()))
+    columns, table = read_manifest_table(manifest)
+    if "path" not in columns:
+        raise DatasetError(f"{manifest}:1: header lacks a 'path' column; expected "
+                           f"'path,label', got {','.join(columns) or 'an empty file'!r}")
+    rows = []
+    for at, row in table:
+        text = (row.get("path") or "").strip()
+        if not text:
+            raise DatasetError(f"{at}: field 'path' is empty")
+        path = manifest_path(manifest, text)
+        if not path.is_file():
+            raise DatasetError(f"{at}: image {path} does not exist")
+        rows.append((str(path), (row.get("label") or "").strip()))
     if not rows:
         raise DatasetError(f"{manifest}: no rows after the header")
     return rows
