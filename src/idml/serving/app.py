@@ -225,7 +225,6 @@ def _add_search_route(app: FastAPI, service: SearchService, runner: _Runner) -> 
             raise RequestError(422, "give either an image in field 'file' or an item 'id'")
         params = {"k": k, "rerank": rerank, "shortlist": shortlist, "nprobe": nprobe,
                   "ef_search": ef_search}
-        service.check_params(k, rerank, shortlist, ef_search)
         data = b"" if file is None else await file.read()
         started = time.perf_counter()
 

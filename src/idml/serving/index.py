@@ -136,6 +136,13 @@ def build_index(
     )
 
 
+def check_nprobe(nprobe: int, nlist: int) -> int:
+    """``nprobe``, if it is in ``[1, nlist]`` (cells an IVF search may visit)."""
+    if not 1 <= nprobe <= nlist:
+        raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+    return nprobe
+
+
 def _ivf_index(semantic: np.ndarray, nlist: int | None, nprobe: int | None,
                seed: int) -> tuple[Any, dict[str, Any]]:
     """An inverted-file index with k-means cells trained on ``semantic`` (not yet filled)."""
@@ -143,9 +150,7 @@ def _ivf_index(semantic: np.ndarray, nlist: int | None, nprobe: int | None,
     defaulted, nlist = nlist is None, default_nlist(n) if nlist is None else nlist
     if not 1 <= nlist <= n:
         raise IdmlError(f"nlist must be in [1, {n}] (the number of items), got {nlist}")
-    nprobe = default_nprobe(nlist) if nprobe is None else nprobe
-    if not 1 <= nprobe <= nlist:
-        raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+    nprobe = check_nprobe(default_nprobe(nlist) if nprobe is None else nprobe, nlist)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     if defaulted:  # fewer than 39 items: one cell, without faiss's warning about it

@@ -30,7 +30,7 @@ from idml.method.metric import (
     uncertainty_score,
 )
 from idml.serving.embedder import Embedder
-from idml.serving.index import RetrievalIndex
+from idml.serving.index import RetrievalIndex, check_nprobe
 
 RERANKS = ("introspective",)
 
@@ -116,11 +116,8 @@ def search_parameters(index: RetrievalIndex, fetch: int, *, nprobe: int | None =
     if ef_search is not None and index.kind != "hnsw":
         raise IdmlError(f"ef_search applies to hnsw indexes; this one is {index.kind}")
     if index.kind == "ivf":
-        nlist = int(index.params["nlist"])
         nprobe = int(index.params["nprobe"]) if nprobe is None else nprobe
-        if not 1 <= nprobe <= nlist:
-            raise IdmlError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
-        return faiss.SearchParametersIVF(nprobe=nprobe)
+        return faiss.SearchParametersIVF(nprobe=check_nprobe(nprobe, int(index.params["nlist"])))
     if index.kind == "hnsw":
         ef_search = int(index.params["ef_search"]) if ef_search is None else ef_search
         if not 1 <= ef_search < 2**31:  # faiss keeps it in a C int

@@ -153,16 +153,19 @@ class SearchService:
                                     f"{len(self.index) - 1}")
         return item
 
-    def item(self, item: int) -> dict[str, Any]:
-        """An indexed item's metadata (label, uncertainty, confidence, thumbnail URL)."""
-        i = self._check_id(item)
+    def _describe(self, i: int) -> dict[str, Any]:
+        """Item ``i``'s id, label, thumbnail URL (and path, where paths are shown)."""
         label = int(self.index.labels[i])
         # without stored thumbnails, the image file is read when its thumbnail is asked for
         has_thumb = self.index.thumbnails is None or self.index.thumbnails.has(i)
         return {"id": i, "label": label, "label_name": self.index.label_name(label),
-                "confidence": self.confidence(self.scores[i]),
                 "thumbnail": f"/items/{i}/thumbnail" if has_thumb else None,
                 **({"path": self.index.paths[i]} if self.show_paths else {})}
+
+    def item(self, item: int) -> dict[str, Any]:
+        """An indexed item's metadata (label, uncertainty, confidence, thumbnail URL)."""
+        i = self._check_id(item)
+        return {**self._describe(i), "confidence": self.confidence(self.scores[i])}
 
     def items(self, start: int, count: int) -> dict[str, Any]:
         """Metadata of items ``start`` to ``start + count - 1`` (for browsing the index)."""
@@ -238,9 +241,8 @@ class SearchService:
             **params)}
 
     def _hit(self, hit: Hit) -> dict[str, Any]:
-        out = self.item(hit.id)
-        out.pop("confidence")
-        return {"rank": hit.rank, **out, "cosine": hit.cosine, "distance": hit.distance,
+        return {"rank": hit.rank, **self._describe(hit.id), "cosine": hit.cosine,
+                "distance": hit.distance,
                 "introspective": hit.introspective,
                 "introspective_distance": hit.introspective_distance,
                 "uncertainty": float(self.scores[hit.id])}
