@@ -73,16 +73,20 @@ def mime_of(blob: bytes) -> str:
                 "application/octet-stream")
 
 
+def item_thumbnail(path: str) -> bytes | None:
+    """The encoded thumbnail of the item at ``path`` (:func:`item_image`), ``None`` if its
+    image cannot be read."""
+    img = item_image(path)
+    return None if img is None else encode_thumbnail(img)
+
+
 @functools.lru_cache(maxsize=4096)
 def file_thumbnail(path: str) -> tuple[bytes, str] | None:
     """The thumbnail of an indexed item made now from its image (:func:`item_image`), for
     indexes built without thumbnails; ``None`` if the image cannot be read. The last 4,096
     are kept (a few KB each)."""
-    img = item_image(path)
-    if img is None:
-        return None
-    blob = encode_thumbnail(img)
-    return blob, mime_of(blob)
+    blob = item_thumbnail(path)
+    return None if blob is None else (blob, mime_of(blob))
 
 
 @dataclass
@@ -133,11 +137,6 @@ class Thumbnails:
 
 
 def make_thumbnails(paths: Sequence[str]) -> Thumbnails:
-    """Thumbnails of the items at ``paths`` (:func:`item_image`), decoded in threads."""
-
-    def one(path: str) -> bytes | None:
-        img = item_image(path)
-        return None if img is None else encode_thumbnail(img)
-
+    """Thumbnails of the items at ``paths`` (:func:`item_thumbnail`), decoded in threads."""
     with ThreadPoolExecutor(max_workers=io_threads()) as pool:
-        return Thumbnails.pack(list(pool.map(one, paths)))
+        return Thumbnails.pack(list(pool.map(item_thumbnail, paths)))
